@@ -1,0 +1,1 @@
+"""Gradio UI for chatting with Mllama. Talks only to model.engine."""
