@@ -1,0 +1,200 @@
+"""The whole model: vision tower -> projector -> text decoder with cross-attention.
+
+Parameter names are the checkpoint keys (`vision_model.`, `multi_modal_projector.`,
+`language_model.model.`, `language_model.lm_head.`).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .cache import MllamaCache
+from .config import MllamaConfig
+from .loading import MllamaPreTrainedModel
+from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from .text import MllamaForCausalLM, MllamaTextModel, causal_lm_loss
+from .vision import MllamaVisionModel
+
+
+def prepare_cross_attention_mask(
+    cross_attention_mask: torch.Tensor, num_vision_tokens: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, q, N, T) 0/1 -> additive mask (B, 1, q, N*T*P) and row mask (B, 1, q, 1).
+
+    Rows that see no tile get an all-zero additive row (uniform attention, no NaN) and row mask 0.
+    """
+    allowed = cross_attention_mask.bool()
+    row = allowed.flatten(2).any(-1)[:, None, :, None]
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    additive = torch.where(allowed, zero, torch.finfo(dtype).min)
+    additive = additive.repeat_interleave(num_vision_tokens, dim=-1).flatten(2)[:, None]
+    return additive * row.to(dtype), row.to(dtype)
+
+
+def check_image_tokens(input_ids: torch.Tensor, aspect_ratio_ids: torch.Tensor, image_token_id: int) -> None:
+    tokens = (input_ids == image_token_id).sum(-1).tolist()
+    images = (aspect_ratio_ids != 0).sum(-1).tolist()
+    for b, (t, i) in enumerate(zip(tokens, images)):
+        if t != i:
+            raise ValueError(
+                f"sample {b} has {t} <|image|> token(s) but {i} image(s): each image needs exactly one "
+                "<|image|> token in the text (the processor's chat template puts them there)"
+            )
+
+
+class MllamaModel(MllamaPreTrainedModel):
+    """Vision tower, projector and text model, without the LM head."""
+
+    config_class = MllamaConfig
+    checkpoint_prefixes: ClassVar = (
+        ("vision_model.", "vision_model."),
+        ("multi_modal_projector.", "multi_modal_projector."),
+        ("language_model.model.", "language_model."),
+    )
+
+    def __init__(self, config: MllamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = MllamaVisionModel(config.vision_config)
+        self.multi_modal_projector = nn.Linear(
+            config.vision_config.vision_output_dim, config.text_config.hidden_size, bias=True
+        )
+        self.language_model = MllamaTextModel(config.text_config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: MllamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> BaseModelOutputWithPast:
+        return _forward_multimodal(self, self.language_model, **_locals(locals()))
+
+
+class MllamaForConditionalGeneration(MllamaPreTrainedModel):
+    """Mllama with its LM head: `model(**processor(...)).logits`, `model.generate(**inputs)`."""
+
+    config_class = MllamaConfig
+    checkpoint_prefixes: ClassVar = (("", ""),)
+
+    def __init__(self, config: MllamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = MllamaVisionModel(config.vision_config)
+        self.multi_modal_projector = nn.Linear(
+            config.vision_config.vision_output_dim, config.text_config.hidden_size, bias=True
+        )
+        self.language_model = MllamaForCausalLM(config.text_config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: MllamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast:
+        out = _forward_multimodal(self, self.language_model.model, **_locals(locals(), drop=("labels", "logits_to_keep")))
+        hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
+        logits = self.language_model.lm_head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values, loss=loss)
+
+
+def _locals(values: dict, drop: tuple[str, ...] = ()) -> dict:
+    return {k: v for k, v in values.items() if k not in ("self", "__class__") + drop}
+
+
+def _forward_multimodal(
+    owner: nn.Module,
+    text_model: MllamaTextModel,
+    *,
+    input_ids,
+    pixel_values,
+    aspect_ratio_mask,
+    aspect_ratio_ids,
+    attention_mask,
+    cross_attention_mask,
+    cross_attention_states,
+    position_ids,
+    past_key_values,
+    inputs_embeds,
+    use_cache,
+) -> BaseModelOutputWithPast:
+    """Shared by MllamaModel and MllamaForConditionalGeneration: images -> cross states and
+    masks for the rows being processed, then the text model."""
+    config: MllamaConfig = owner.config
+    if pixel_values is not None and cross_attention_states is not None:
+        raise ValueError("Pass pixel_values or cross_attention_states, not both")
+    use_cache = config.text_config.use_cache if use_cache is None else use_cache
+    cache = past_key_values
+    if cache is None and use_cache:
+        cache = MllamaCache(len(text_model.layers))
+    past = cache.seen if cache is not None else 0
+    q_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+
+    if pixel_values is not None:
+        if aspect_ratio_ids is None or aspect_ratio_mask is None:
+            raise ValueError(
+                "pixel_values were given without aspect_ratio_ids/aspect_ratio_mask: pass every image field "
+                "the processor returns (e.g. model(**inputs))"
+            )
+        if cross_attention_mask is None:
+            raise ValueError(
+                "pixel_values were given without cross_attention_mask: the processor builds it when it gets "
+                "both text and images; pass it along (e.g. model(**inputs))"
+            )
+        if input_ids is not None:
+            check_image_tokens(input_ids, aspect_ratio_ids, config.image_token_index)
+        features = owner.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state
+        projector = owner.multi_modal_projector
+        states = projector(features.to(projector.weight.device, projector.weight.dtype))
+        cross_attention_states = states.reshape(-1, states.shape[-2], states.shape[-1])  # (B*N*T, P, H)
+
+    has_images = cross_attention_states is not None or (cache is not None and cache.has_images)
+    row_mask = None
+    if has_images:
+        if cross_attention_mask is None:
+            if cache is None or cache.cross_mask_row is None:
+                raise ValueError("images need a cross_attention_mask (B, seq_len, num_images, num_tiles)")
+            cross_attention_mask = cache.cross_mask_row.expand(-1, q_len, -1, -1)
+        elif cross_attention_mask.shape[1] != q_len:
+            # A mask over the whole sequence so far (transformers' calling convention).
+            cross_attention_mask = cross_attention_mask[:, past : past + q_len]
+        if cache is not None:
+            cache.cross_mask_row = cross_attention_mask[:, -1:]
+        dtype = text_model.embed_tokens.weight.dtype
+        cross_attention_mask, row_mask = prepare_cross_attention_mask(
+            cross_attention_mask.to(text_model.embed_tokens.weight.device), config.vision_config.num_patches, dtype
+        )
+    else:
+        cross_attention_mask = None
+
+    return text_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cross_attention_states=cross_attention_states,
+        cross_attention_mask=cross_attention_mask,
+        full_text_row_masked_out_mask=row_mask,
+        past_key_values=cache,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+    )

@@ -1,0 +1,293 @@
+"""The text decoder: Llama 3.1 self-attention layers interleaved with gated cross-attention layers.
+
+Module and parameter names equal the checkpoint keys under `language_model.model.` (and
+`language_model.lm_head.`), so a state dict loads without renaming.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import MllamaCache
+from .config import MllamaTextConfig
+from .loading import MllamaPreTrainedModel
+from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from .rotary import MllamaRotaryEmbedding, apply_rotary
+
+
+class MllamaTextRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, cast back before the weight (as Llama does).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+
+class MllamaTextMLP(nn.Module):
+    def __init__(self, config: MllamaTextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """(B, L, n*d) -> (B, n, L, d)"""
+    return x.view(x.shape[0], x.shape[1], n, d).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, n, L, d) -> (B, L, n*d)"""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+class MllamaTextSelfAttention(nn.Module):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, mask, rope, cache: MllamaCache | None) -> torch.Tensor:
+        q = _heads(self.q_proj(x), self.num_heads, self.head_dim)
+        k = _heads(self.k_proj(x), self.num_key_value_heads, self.head_dim)
+        v = _heads(self.v_proj(x), self.num_key_value_heads, self.head_dim)
+        q, k = apply_rotary(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # mask None means plain causal attention over the whole key range (no padding, no cache).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=True
+        )
+        return self.o_proj(_merge_heads(out))
+
+
+class MllamaTextCrossAttention(nn.Module):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_norm = MllamaTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = MllamaTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def project_states(self, states: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision states (B*N*T, P, H) -> K, V (B, n_kv, N*T*P, D); done once per image set."""
+        k = self.k_proj(states).view(batch_size, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(states).view(batch_size, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        return self.k_norm(k), v
+
+    def forward(self, x, keys, values, mask, row_mask) -> torch.Tensor:
+        q = self.q_norm(_heads(self.q_proj(x), self.num_heads, self.head_dim))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        if row_mask is not None:
+            out = out * row_mask  # Meta: rows that see no image get nothing from the images
+        return self.o_proj(_merge_heads(out))
+
+
+class MllamaSelfAttentionDecoderLayer(nn.Module):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MllamaTextSelfAttention(config, layer_idx)
+        self.mlp = MllamaTextMLP(config)
+        self.input_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, mask, rope, cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MllamaCrossAttentionDecoderLayer(nn.Module):
+    """Cross-attention block with tanh gates on the attention and the MLP branch."""
+
+    def __init__(self, config: MllamaTextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.config = config
+        self.cross_attn = MllamaTextCrossAttention(config, layer_idx)
+        self.input_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp = MllamaTextMLP(config)
+        self.post_attention_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, keys, values, mask, row_mask) -> torch.Tensor:
+        """row_mask (B, 1, q, 1): 1 where the text row sees at least one image tile."""
+        attn_rows = row_mask if self.config.semantics == "meta" else None
+        attn = self.cross_attn(self.input_layernorm(x), keys, values, mask, attn_rows)
+        x = x + self.cross_attn_attn_gate.tanh() * attn
+        m = self.mlp(self.post_attention_layernorm(x))
+        if row_mask is not None:
+            m = row_mask[:, 0] * m
+        return x + self.cross_attn_mlp_gate.tanh() * m
+
+
+def causal_mask(
+    attention_mask: torch.Tensor | None, q_len: int, past: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """Additive (B|1, 1, q, past+q) mask: causal, and hiding padded keys. None = plain causal."""
+    kv_len = past + q_len
+    if attention_mask is None or bool(attention_mask[:, :kv_len].all()):
+        if past == 0 or q_len == 1:
+            return None  # SDPA's is_causal (or no mask at all for one query) is exact here
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(past)[None, None]
+    else:
+        rows = torch.arange(past, kv_len, device=device)[:, None]
+        cols = torch.arange(kv_len, device=device)[None, :]
+        allowed = (cols <= rows)[None, None] & attention_mask[:, None, None, :kv_len].bool()
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+class MllamaTextModel(MllamaPreTrainedModel):
+    """Embeddings, decoder layers, final norm. Returns the last hidden state (B, L, H)."""
+
+    config_class = MllamaTextConfig
+    checkpoint_prefixes: ClassVar = (("language_model.model.", ""), ("model.", ""), ("", ""))
+
+    def __init__(self, config: MllamaTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.padding_idx = config.pad_token_id
+        # 8 extra rows: Meta's learnable image-token embeddings (<|image|> is row vocab_size).
+        self.embed_tokens = nn.Embedding(config.vocab_size + 8, config.hidden_size, self.padding_idx)
+        self.cross_attention_layers = list(config.cross_attention_layers)
+        self.layers = nn.ModuleList(
+            MllamaCrossAttentionDecoderLayer(config, i)
+            if i in self.cross_attention_layers
+            else MllamaSelfAttentionDecoderLayer(config, i)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MllamaRotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        full_text_row_masked_out_mask: torch.Tensor | None = None,
+        past_key_values: MllamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> BaseModelOutputWithPast:
+        """cross_attention_states: projected vision states (B*N*T, P, H);
+        cross_attention_mask: prepared additive mask (B, 1, q, N*T*P); full_text_row_masked_out_mask:
+        (B, 1, q, 1). `MllamaModel` prepares both from the processor's (B, L, N, T) mask."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, q_len = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = MllamaCache(len(self.layers))
+        past = cache.seen if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + q_len, device=x.device)[None].expand(batch, -1)
+        rope = self.rotary_emb(x, position_ids)
+        mask = causal_mask(attention_mask, q_len, past, x.dtype, x.device)
+
+        if cross_attention_states is not None and cache is not None:
+            cache.cross_keys.clear()
+            cache.cross_values.clear()
+        for layer in self.layers:
+            if isinstance(layer, MllamaSelfAttentionDecoderLayer):
+                x = layer(x, mask, rope, cache)
+                continue
+            i = layer.layer_idx
+            if cross_attention_states is not None:
+                keys, values = layer.cross_attn.project_states(cross_attention_states, batch)
+                if cache is not None:
+                    cache.cross_keys[i], cache.cross_values[i] = keys, values
+            elif cache is not None and i in cache.cross_keys:
+                keys, values = cache.cross_keys[i], cache.cross_values[i]
+            else:
+                continue  # text-only: cross-attention layers are skipped entirely
+            x = layer(x, keys, values, cross_attention_mask, full_text_row_masked_out_mask)
+
+        if cache is not None:
+            cache.seen = past + q_len
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache if use_cache else None)
+
+
+class MllamaForCausalLM(MllamaPreTrainedModel):
+    """The text model with its LM head; loads the text half of a full Mllama checkpoint."""
+
+    config_class = MllamaTextConfig
+    checkpoint_prefixes: ClassVar = (
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("model.", "model."),
+        ("lm_head.", "lm_head."),
+    )
+
+    def __init__(self, config: MllamaTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.model = MllamaTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        full_text_row_masked_out_mask: torch.Tensor | None = None,
+        past_key_values: MllamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cross_attention_states=cross_attention_states,
+            cross_attention_mask=cross_attention_mask,
+            full_text_row_masked_out_mask=full_text_row_masked_out_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
+        logits = self.lm_head(hidden).float()
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values, loss=loss)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy; label -100 is ignored (transformers' convention)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+    )
