@@ -12,6 +12,7 @@ from torch import nn
 
 from .cache import MllamaCache
 from .config import MllamaConfig
+from .generation import GenerationMixin
 from .loading import MllamaPreTrainedModel
 from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from .text import MllamaForCausalLM, MllamaTextModel, causal_lm_loss
@@ -80,7 +81,7 @@ class MllamaModel(MllamaPreTrainedModel):
         return _forward_multimodal(self, self.language_model, **_locals(locals()))
 
 
-class MllamaForConditionalGeneration(MllamaPreTrainedModel):
+class MllamaForConditionalGeneration(MllamaPreTrainedModel, GenerationMixin):
     """Mllama with its LM head: `model(**processor(...)).logits`, `model.generate(**inputs)`."""
 
     config_class = MllamaConfig

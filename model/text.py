@@ -13,6 +13,7 @@ from torch import nn
 
 from .cache import MllamaCache
 from .config import MllamaTextConfig
+from .generation import GenerationMixin
 from .loading import MllamaPreTrainedModel
 from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from .rotary import MllamaRotaryEmbedding, apply_rotary
@@ -151,9 +152,14 @@ def causal_mask(
 ) -> torch.Tensor | None:
     """Additive (B|1, 1, q, past+q) mask: causal, and hiding padded keys. None = plain causal."""
     kv_len = past + q_len
+    if q_len == 1:  # decode: causality is automatic; only padding (if any) is hidden, without a host sync
+        if attention_mask is None:
+            return None
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(attention_mask[:, None, None, :kv_len].bool(), zero, torch.finfo(dtype).min)
     if attention_mask is None or bool(attention_mask[:, :kv_len].all()):
-        if past == 0 or q_len == 1:
-            return None  # SDPA's is_causal (or no mask at all for one query) is exact here
+        if past == 0:
+            return None  # SDPA's is_causal is exact here
         allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(past)[None, None]
     else:
         rows = torch.arange(past, kv_len, device=device)[:, None]
@@ -237,7 +243,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache if use_cache else None)
 
 
-class MllamaForCausalLM(MllamaPreTrainedModel):
+class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
     """The text model with its LM head; loads the text half of a full Mllama checkpoint."""
 
     config_class = MllamaTextConfig

@@ -1,0 +1,181 @@
+"""generate(): prefill once, then decode one token per step from the caches.
+
+Three plain steps, like gpt-fast: `prefill` runs the prompt (and the images, once) and fills the
+caches; `decode_step` feeds one token per sequence; `generate` loops, samples, streams and stops.
+The vision tower and the cross-attention K/V projections run only in prefill; decode steps read
+the cached K/V and derive their cross-attention mask row from the last prompt row.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+import torch
+
+from .cache import MllamaCache
+from .sampling import SamplingConfig, process_logits, select_next_tokens
+
+IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+
+
+class Streamer(Protocol):
+    def put(self, value: torch.Tensor) -> None: ...
+    def end(self) -> None: ...
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample positions that skip left padding (pads get a dummy 1, as transformers does)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def eos_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+@torch.inference_mode()
+def prefill(model, cache: MllamaCache, input_ids, attention_mask, position_ids, images: dict) -> torch.Tensor:
+    """Run the prompt; returns the last position's logits (B, V)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **images,
+    )
+    return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def decode_step(model, cache: MllamaCache, tokens, attention_mask, positions) -> torch.Tensor:
+    """One new token per sequence: tokens (B,), positions (B,) -> logits (B, V)."""
+    out = model(
+        input_ids=tokens[:, None],
+        attention_mask=attention_mask,
+        position_ids=positions[:, None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+class GenerationMixin:
+    """`generate` for MllamaForConditionalGeneration and MllamaForCausalLM."""
+
+    generation_config: dict | None = None  # the checkpoint's generation_config.json, set on load
+
+    def _generation_defaults(self) -> dict:
+        defaults = dict(self.generation_config or {})
+        text_config = getattr(self.config, "text_config", self.config)
+        defaults.setdefault("eos_token_id", text_config.eos_token_id)
+        defaults.setdefault("pad_token_id", text_config.pad_token_id)
+        return defaults
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer: Streamer | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        stop: threading.Event | None = None,
+        **image_inputs: torch.Tensor,
+    ) -> torch.LongTensor:
+        """Prompt + new tokens, (B, L + n), like transformers. Rows that finished early are
+        filled with `pad_token_id`. Unset options come from the checkpoint's
+        generation_config.json, then transformers' defaults (20 tokens in all, greedy).
+
+        `stop`: a threading.Event; when set, generation ends before the next decode step.
+        """
+        unknown = sorted(set(image_inputs) - set(IMAGE_INPUTS))
+        if unknown:
+            raise TypeError(f"generate() got unexpected arguments {unknown}; inputs are input_ids, attention_mask and {list(IMAGE_INPUTS)}")
+        images = {k: v for k, v in image_inputs.items() if v is not None}
+        if images and not hasattr(self, "vision_model"):
+            raise ValueError("this model has no vision tower: use MllamaForConditionalGeneration for images")
+
+        defaults = self._generation_defaults()
+        cfg = SamplingConfig.from_generation_config(
+            defaults,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            min_new_tokens=min_new_tokens,
+        )
+        eos = eos_ids(eos_token_id if eos_token_id is not None else defaults.get("eos_token_id"))
+        pad = pad_token_id if pad_token_id is not None else defaults.get("pad_token_id")
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        batch, prompt_len = input_ids.shape
+        if max_new_tokens is None:
+            max_new_tokens = defaults.get("max_new_tokens") or max(defaults.get("max_length", 20) - prompt_len, 0)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if streamer is not None and batch != 1:
+            raise ValueError("a streamer streams one sequence: pass a batch of one prompt")
+
+        device = self.language_model.model.embed_tokens.weight.device if hasattr(self, "vision_model") else self.model.embed_tokens.weight.device
+        input_ids = input_ids.to(device)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+
+        total = prompt_len + max_new_tokens
+        ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
+        ids[:, :prompt_len] = input_ids
+        mask = torch.ones(batch, total, dtype=torch.long, device=device)
+        if attention_mask is not None:
+            mask[:, :prompt_len] = attention_mask.to(device)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        positions = position_ids_from_mask(mask[:, :prompt_len])
+        eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        cache = MllamaCache(len(self._decoder_layers()), capacity=total)
+
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        try:
+            logits = prefill(self, cache, input_ids, mask[:, :prompt_len] if padded else None, positions, images)
+            last_pos = positions[:, -1]
+            length = prompt_len
+            for step in range(max_new_tokens):
+                scores = process_logits(
+                    logits, ids[:, :length], cfg, new_tokens=step, eos_token_ids=eos,
+                    attention_mask=mask[:, :length] if padded else None,
+                )
+                tokens = select_next_tokens(scores, cfg, generator)
+                tokens = torch.where(unfinished, tokens, pad)
+                ids[:, length] = tokens
+                length += 1
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                if eos:
+                    unfinished &= ~torch.isin(tokens, eos_tensor)
+                if not bool(unfinished.any()) or step + 1 == max_new_tokens or (stop is not None and stop.is_set()):
+                    break
+                last_pos = last_pos + 1
+                logits = decode_step(self, cache, tokens, mask[:, :length] if padded else None, last_pos)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        return ids[:, :length]
+
+    def _decoder_layers(self) -> torch.nn.ModuleList:
+        text = self.language_model.model if hasattr(self, "vision_model") else self.model
+        return text.layers
