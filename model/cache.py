@@ -1,12 +1,52 @@
 """Caches for decoding: self-attention K/V per layer, cross-attention K/V per image set.
 
-Self-attention buffers are preallocated to a given length (and grow if a caller goes past it);
-cross-attention K/V are computed once from the image states at prefill and reused by every
-decode step, stored with the model's KV heads (not repeated per query head).
+Two kinds share one small protocol that the text model uses (`update`, `self_attention_mask`,
+`cross_keys`/`cross_values`, `cross_masks`, `advance`):
+- `MllamaCache`: one request (or a batch that moves in lock step), as `generate` uses it.
+- `SlotCache`: a fixed number of slots with their own lengths, for continuous batching; requests
+  join and leave between decode steps.
+Cross-attention K/V are computed once from the image states at prefill and stored with the
+model's KV heads (not repeated per query head).
 """
 from __future__ import annotations
 
 import torch
+
+
+def causal_mask(
+    attention_mask: torch.Tensor | None, q_len: int, past: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """Additive (B|1, 1, q, past+q) mask: causal, and hiding padded keys. None = plain causal."""
+    kv_len = past + q_len
+    zero = torch.zeros((), dtype=dtype, device=device)
+    if q_len == 1:  # decode: causality is automatic; only padding (if any) is hidden, without a host sync
+        if attention_mask is None:
+            return None
+        return torch.where(attention_mask[:, None, None, :kv_len].bool(), zero, torch.finfo(dtype).min)
+    if attention_mask is None or bool(attention_mask[:, :kv_len].all()):
+        if past == 0:
+            return None  # SDPA's is_causal is exact here
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(past)[None, None]
+    else:
+        rows = torch.arange(past, kv_len, device=device)[:, None]
+        cols = torch.arange(kv_len, device=device)[None, :]
+        allowed = (cols <= rows)[None, None] & attention_mask[:, None, None, :kv_len].bool()
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def prepare_cross_attention_mask(
+    cross_attention_mask: torch.Tensor, num_vision_tokens: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, q, N, T) 0/1 -> additive mask (B, 1, q, N*T*P) and row mask (B, 1, q, 1).
+
+    Rows that see no tile get an all-zero additive row (uniform attention, no NaN) and row mask 0.
+    """
+    allowed = cross_attention_mask.bool()
+    row = allowed.flatten(2).any(-1)[:, None, :, None]
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    additive = torch.where(allowed, zero, torch.finfo(dtype).min)
+    additive = additive.repeat_interleave(num_vision_tokens, dim=-1).flatten(2)[:, None]
+    return additive * row.to(dtype), row.to(dtype)
 
 
 class SelfAttentionCache:
@@ -39,7 +79,7 @@ class SelfAttentionCache:
 
 
 class MllamaCache:
-    """Everything a decode step needs from earlier steps.
+    """Everything a decode step needs from earlier steps, for sequences that move together.
 
     `seen` counts the text positions already written. `cross_keys`/`cross_values` map a
     cross-attention layer index to its (B, n_kv_heads, N*T*P, head_dim) K/V.
@@ -68,12 +108,118 @@ class MllamaCache:
             layer.allocate(keys, max(self.capacity, keys.shape[2]))
         return layer.update(keys, values, self.seen)
 
-    def reorder(self, keep: torch.Tensor) -> None:
-        """Keep only the batch rows in `keep` (e.g. when requests leave a batch)."""
-        for layer in self.layers:
-            if layer.keys is not None:
-                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-        for i in self.cross_keys:
-            self.cross_keys[i], self.cross_values[i] = self.cross_keys[i][keep], self.cross_values[i][keep]
-        if self.cross_mask_row is not None:
-            self.cross_mask_row = self.cross_mask_row[keep]
+    def self_attention_mask(self, attention_mask, q_len, dtype, device) -> torch.Tensor | None:
+        return causal_mask(attention_mask, q_len, self.seen, dtype, device)
+
+    def cross_masks(self, q_len: int, num_vision_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for new rows that see what the last prompt row saw."""
+        return prepare_cross_attention_mask(self.cross_mask_row.expand(-1, q_len, -1, -1), num_vision_tokens, dtype)
+
+    def advance(self, q_len: int) -> None:
+        self.seen += q_len
+
+
+class SlotCache:
+    """Preallocated caches for `num_slots` independent sequences of up to `capacity` tokens.
+
+    Each slot holds one request: its self-attention K/V rows, its own length, and its image's
+    cross-attention K/V (zeros and a closed row mask for text-only requests, which Meta's
+    semantics turn into an identity layer). Decode steps run all slots at once; `active` rows
+    are the only ones whose results are used.
+    """
+
+    def __init__(self, model, num_slots: int, capacity: int) -> None:
+        text = model.language_model.model
+        cfg = model.config.text_config
+        vcfg = model.config.vision_config
+        weight = text.embed_tokens.weight
+        dtype = weight.dtype
+        self.num_slots, self.capacity = num_slots, capacity
+        self.cross_layers = list(cfg.cross_attention_layers)
+        self.vision_tokens = vcfg.max_num_tiles * vcfg.num_patches  # one image per request
+        kv = (num_slots, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.layers = []
+        for i, layer in enumerate(text.layers):
+            device = _layer_device(layer, weight.device)
+            cache = SelfAttentionCache()
+            if i not in self.cross_layers:
+                cache.keys = torch.zeros(kv, dtype=dtype, device=device)
+                cache.values = torch.zeros(kv, dtype=dtype, device=device)
+            self.layers.append(cache)
+        xkv = (num_slots, cfg.num_key_value_heads, self.vision_tokens, cfg.head_dim)
+        self.cross_keys = {i: torch.zeros(xkv, dtype=dtype, device=_layer_device(text.layers[i], weight.device)) for i in self.cross_layers}
+        self.cross_values = {i: torch.zeros_like(t) for i, t in self.cross_keys.items()}
+        self.cross_additive = torch.zeros(num_slots, 1, 1, self.vision_tokens, dtype=dtype, device=weight.device)
+        self.cross_rows = torch.zeros(num_slots, 1, 1, 1, dtype=dtype, device=weight.device)
+        self.lengths = [0] * num_slots  # host mirror: no device sync to size a step
+        self.active: set[int] = set()
+        self.image_slots: set[int] = set()
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.image_slots)
+
+    @property
+    def seen(self) -> int:
+        return max(self.lengths)
+
+    def load(self, slot: int, prefilled: MllamaCache, length: int, num_vision_tokens: int) -> None:
+        """Copy a request's prefill cache (batch of one) into `slot`."""
+        for mine, theirs in zip(self.layers, prefilled.layers):
+            if theirs.keys is not None:
+                mine.keys[slot, :, :length] = theirs.keys[0, :, :length]
+                mine.values[slot, :, :length] = theirs.values[0, :, :length]
+        self.lengths[slot] = length
+        self.active.add(slot)
+        if prefilled.has_images:
+            for i in self.cross_layers:
+                n = prefilled.cross_keys[i].shape[2]
+                self.cross_keys[i][slot, :, :n] = prefilled.cross_keys[i][0]
+                self.cross_values[i][slot, :, :n] = prefilled.cross_values[i][0]
+            additive, rows = prepare_cross_attention_mask(prefilled.cross_mask_row[:1], num_vision_tokens, self.cross_additive.dtype)
+            self.cross_additive[slot] = additive[0].to(self.cross_additive.device)
+            self.cross_rows[slot] = rows[0].to(self.cross_rows.device)
+            self.image_slots.add(slot)
+        else:
+            self.cross_additive[slot] = 0
+            self.cross_rows[slot] = 0
+            self.image_slots.discard(slot)
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self.active.discard(slot)
+        self.image_slots.discard(slot)
+        self.cross_rows[slot] = 0
+
+    def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys (S, H, 1, D): write each slot's new token at its own length."""
+        layer = self.layers[layer_idx]
+        rows, index = self._slots.to(layer.keys.device), self._write_index.to(layer.keys.device)
+        layer.keys[rows, :, index] = keys[:, :, 0]
+        layer.values[rows, :, index] = values[:, :, 0]
+        return layer.keys[:, :, : self._span], layer.values[:, :, : self._span]
+
+    def begin_step(self, device: torch.device) -> torch.Tensor:
+        """Prepare a decode step over all slots; returns the positions (S, 1) of the new tokens."""
+        self._slots = torch.arange(self.num_slots, device=device)
+        self._write_index = torch.tensor(self.lengths, device=device)
+        self._span = max(self.lengths) + 1
+        return self._write_index[:, None]
+
+    def self_attention_mask(self, attention_mask, q_len, dtype, device) -> torch.Tensor:
+        keys = torch.arange(self._span, device=device)[None, :]
+        allowed = keys <= self._write_index.to(device)[:, None]
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None, None, :]
+
+    def cross_masks(self, q_len: int, num_vision_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_additive, self.cross_rows
+
+    def advance(self, q_len: int) -> None:
+        for slot in self.active:
+            self.lengths[slot] += q_len
+
+
+def _layer_device(layer: torch.nn.Module, default: torch.device) -> torch.device:
+    param = next(layer.parameters(), None)
+    return param.device if param is not None else default

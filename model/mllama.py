@@ -10,28 +10,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .cache import MllamaCache
+from .cache import MllamaCache, prepare_cross_attention_mask
 from .config import MllamaConfig
 from .generation import GenerationMixin
 from .loading import MllamaPreTrainedModel
 from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from .text import MllamaForCausalLM, MllamaTextModel, causal_lm_loss
 from .vision import MllamaVisionModel
-
-
-def prepare_cross_attention_mask(
-    cross_attention_mask: torch.Tensor, num_vision_tokens: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, q, N, T) 0/1 -> additive mask (B, 1, q, N*T*P) and row mask (B, 1, q, 1).
-
-    Rows that see no tile get an all-zero additive row (uniform attention, no NaN) and row mask 0.
-    """
-    allowed = cross_attention_mask.bool()
-    row = allowed.flatten(2).any(-1)[:, None, :, None]
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    additive = torch.where(allowed, zero, torch.finfo(dtype).min)
-    additive = additive.repeat_interleave(num_vision_tokens, dim=-1).flatten(2)[:, None]
-    return additive * row.to(dtype), row.to(dtype)
 
 
 def check_image_tokens(input_ids: torch.Tensor, aspect_ratio_ids: torch.Tensor, image_token_id: int) -> None:
@@ -171,22 +156,24 @@ def _forward_multimodal(
 
     has_images = cross_attention_states is not None or (cache is not None and cache.has_images)
     row_mask = None
-    if has_images:
-        if cross_attention_mask is None:
-            if cache is None or cache.cross_mask_row is None:
-                raise ValueError("images need a cross_attention_mask (B, seq_len, num_images, num_tiles)")
-            cross_attention_mask = cache.cross_mask_row.expand(-1, q_len, -1, -1)
-        elif cross_attention_mask.shape[1] != q_len:
+    dtype = text_model.embed_tokens.weight.dtype
+    num_patches = config.vision_config.num_patches
+    if not has_images:
+        cross_attention_mask = None
+    elif cross_attention_mask is None:
+        if cache is None or cross_attention_states is not None:
+            raise ValueError("images need a cross_attention_mask (B, seq_len, num_images, num_tiles)")
+        # Decode: new rows see what the last prompt row saw; derived, not rebuilt.
+        cross_attention_mask, row_mask = cache.cross_masks(q_len, num_patches, dtype)
+    else:
+        if cross_attention_mask.shape[1] != q_len:
             # A mask over the whole sequence so far (transformers' calling convention).
             cross_attention_mask = cross_attention_mask[:, past : past + q_len]
-        if cache is not None:
+        if isinstance(cache, MllamaCache):
             cache.cross_mask_row = cross_attention_mask[:, -1:]
-        dtype = text_model.embed_tokens.weight.dtype
         cross_attention_mask, row_mask = prepare_cross_attention_mask(
-            cross_attention_mask.to(text_model.embed_tokens.weight.device), config.vision_config.num_patches, dtype
+            cross_attention_mask.to(text_model.embed_tokens.weight.device), num_patches, dtype
         )
-    else:
-        cross_attention_mask = None
 
     return text_model(
         input_ids=input_ids,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import MllamaCache
+from .cache import MllamaCache, causal_mask
 from .config import MllamaTextConfig
 from .generation import GenerationMixin
 from .loading import MllamaPreTrainedModel
@@ -147,28 +147,6 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         return x + self.cross_attn_mlp_gate.tanh() * m
 
 
-def causal_mask(
-    attention_mask: torch.Tensor | None, q_len: int, past: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor | None:
-    """Additive (B|1, 1, q, past+q) mask: causal, and hiding padded keys. None = plain causal."""
-    kv_len = past + q_len
-    if q_len == 1:  # decode: causality is automatic; only padding (if any) is hidden, without a host sync
-        if attention_mask is None:
-            return None
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return torch.where(attention_mask[:, None, None, :kv_len].bool(), zero, torch.finfo(dtype).min)
-    if attention_mask is None or bool(attention_mask[:, :kv_len].all()):
-        if past == 0:
-            return None  # SDPA's is_causal is exact here
-        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(past)[None, None]
-    else:
-        rows = torch.arange(past, kv_len, device=device)[:, None]
-        cols = torch.arange(kv_len, device=device)[None, :]
-        allowed = (cols <= rows)[None, None] & attention_mask[:, None, None, :kv_len].bool()
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
-
-
 class MllamaTextModel(MllamaPreTrainedModel):
     """Embeddings, decoder layers, final norm. Returns the last hidden state (B, L, H)."""
 
@@ -218,7 +196,10 @@ class MllamaTextModel(MllamaPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + q_len, device=x.device)[None].expand(batch, -1)
         rope = self.rotary_emb(x, position_ids)
-        mask = causal_mask(attention_mask, q_len, past, x.dtype, x.device)
+        if cache is not None:
+            mask = cache.self_attention_mask(attention_mask, q_len, x.dtype, x.device)
+        else:
+            mask = causal_mask(attention_mask, q_len, 0, x.dtype, x.device)
 
         if cross_attention_states is not None and cache is not None:
             cache.cross_keys.clear()
@@ -239,7 +220,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
             x = layer(x, keys, values, cross_attention_mask, full_text_row_masked_out_mask)
 
         if cache is not None:
-            cache.seen = past + q_len
+            cache.advance(q_len)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache if use_cache else None)
 
 
