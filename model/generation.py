@@ -64,6 +64,10 @@ def decode_step(model, cache: MllamaCache, tokens, attention_mask, positions) ->
     return out.logits[:, -1]
 
 
+def _stopped(stop: threading.Event | None, streamer: Streamer | None) -> bool:
+    return (stop is not None and stop.is_set()) or bool(getattr(streamer, "cancelled", False))
+
+
 class GenerationMixin:
     """`generate` for MllamaForConditionalGeneration and MllamaForCausalLM."""
 
@@ -101,7 +105,9 @@ class GenerationMixin:
         filled with `pad_token_id`. Unset options come from the checkpoint's
         generation_config.json, then transformers' defaults (20 tokens in all, greedy).
 
-        `stop`: a threading.Event; when set, generation ends before the next decode step.
+        `stop`: a threading.Event; when set (or when the streamer's consumer calls
+        `streamer.cancel()`), generation ends before the next decode step. An exception raised
+        here reaches the streamer's consumer too.
         """
         unknown = sorted(set(image_inputs) - set(IMAGE_INPUTS))
         if unknown:
@@ -167,10 +173,15 @@ class GenerationMixin:
                     streamer.put(tokens.cpu())
                 if eos:
                     unfinished &= ~torch.isin(tokens, eos_tensor)
-                if not bool(unfinished.any()) or step + 1 == max_new_tokens or (stop is not None and stop.is_set()):
+                if not bool(unfinished.any()) or step + 1 == max_new_tokens or _stopped(stop, streamer):
                     break
                 last_pos = last_pos + 1
                 logits = decode_step(self, cache, tokens, mask[:, :length] if padded else None, last_pos)
+        except BaseException as error:
+            if streamer is not None and hasattr(streamer, "put_error"):
+                streamer.put_error(error)  # the consumer raises it instead of waiting forever
+                streamer = None
+            raise
         finally:
             if streamer is not None:
                 streamer.end()
