@@ -1,0 +1,298 @@
+"""Continuous batching: one thread owns the model and serves every request.
+
+Requests wait in a bounded queue. Between decode steps the scheduler prefills newcomers (one at a
+time, batch of one) into free slots of a `SlotCache`; every step then decodes one token for all
+active slots at once. A request leaves as soon as it hits a stop token, its token budget, or its
+cancel event, and its slot is free for the next one. Sampling settings, seeds, stop tokens and
+streamers are per request.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import MllamaCache, SlotCache
+from .sampling import SamplingConfig, process_logits, select_next_tokens
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A request could not be served; the message says what to do."""
+
+
+class EngineBusy(EngineError):
+    """The wait queue is full."""
+
+
+@dataclass
+class ReplyStats:
+    time_to_first_token_s: float
+    tokens: int
+    tokens_per_s: float
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+
+
+@dataclass
+class Request:
+    """One reply to produce. `inputs` is the processor's output for a batch of one."""
+
+    inputs: dict
+    sampling: SamplingConfig
+    max_new_tokens: int
+    eos: list[int]
+    streamer: object  # TextIteratorStreamer
+    cancel: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator | None = None
+    session_id: str | None = None
+    # filled while serving
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)
+    history: torch.Tensor | None = None  # prompt + generated ids (1, capacity) for the penalty
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    stats: ReplyStats | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return self.inputs["input_ids"].shape[1]
+
+
+class ImageKVStore:
+    """The last image's cross-attention K/V of each conversation (LRU), so that a follow-up
+    question about the same picture does not run the vision tower again."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._items: OrderedDict[str, tuple[str, dict, dict]] = OrderedDict()
+        self.hits = 0
+
+    def get(self, session_id: str | None, key: str) -> tuple[dict, dict] | None:
+        item = self._items.get(session_id) if session_id else None
+        if item is None or item[0] != key:
+            return None
+        self._items.move_to_end(session_id)
+        self.hits += 1
+        return item[1], item[2]
+
+    def put(self, session_id: str | None, key: str, keys: dict, values: dict) -> None:
+        if not session_id or self.max_sessions <= 0:
+            return
+        self._items[session_id] = (key, dict(keys), dict(values))
+        self._items.move_to_end(session_id)
+        while len(self._items) > self.max_sessions:
+            self._items.popitem(last=False)
+
+
+def image_key(inputs: dict) -> str | None:
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        return None
+    digest = hashlib.sha1(pixels.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(inputs["aspect_ratio_ids"].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Scheduler:
+    def __init__(self, model, max_batch: int, capacity: int, queue_size: int, image_sessions: int = 16) -> None:
+        self.model = model
+        self.capacity = capacity
+        self.device = model.language_model.model.embed_tokens.weight.device
+        self.cache = SlotCache(model, max_batch, capacity)
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
+        self.images = ImageKVStore(image_sessions)
+        self.vision_runs = 0
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="mllama-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- public -------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        if self._closed.is_set():
+            raise EngineError("the engine has been shut down")
+        try:
+            self.waiting.put_nowait(request)
+        except queue.Full:
+            raise EngineBusy(
+                f"The server is busy: {self.waiting.maxsize} requests are already waiting. Try again in a moment."
+            ) from None
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    # --- the serving loop ------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._admit()
+                if self.active == 0:
+                    self._wait_for_work()
+                    continue
+                self._decode_step()
+            except Exception as error:  # never let the serving thread die silently
+                log.exception("scheduler step failed")
+                self._fail_all(error)
+
+    def _wait_for_work(self) -> None:
+        try:
+            request = self.waiting.get(timeout=0.1)
+        except queue.Empty:
+            return
+        self._start(request)
+
+    def _admit(self) -> None:
+        while None in self.slots:
+            try:
+                request = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            self._start(request)
+
+    def _start(self, request: Request) -> None:
+        if request.cancel.is_set():
+            self._finish(request, "cancelled")
+            return
+        try:
+            logits = self._prefill(request)
+        except Exception as error:
+            _recover_memory(error)
+            request.streamer.put_error(_explain(error))
+            return
+        slot = self.slots.index(None)
+        request.slot = slot
+        self.slots[slot] = request
+        self._accept(request, self._sample(request, logits))
+
+    @torch.inference_mode()
+    def _prefill(self, request: Request) -> torch.Tensor:
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in request.inputs.items()}
+        prefill_cache = MllamaCache(len(self.cache.layers), capacity=request.prompt_len)
+        key = image_key(inputs)
+        cached = self.images.get(request.session_id, key) if key else None
+        if cached is not None:
+            # Same picture as this conversation's last turn: reuse its cross K/V.
+            prefill_cache.cross_keys, prefill_cache.cross_values = dict(cached[0]), dict(cached[1])
+            for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+                inputs.pop(name, None)
+        elif key:
+            self.vision_runs += 1
+        out = self.model(**inputs, past_key_values=prefill_cache, use_cache=True, logits_to_keep=1)
+        if key and cached is None:
+            self.images.put(request.session_id, key, prefill_cache.cross_keys, prefill_cache.cross_values)
+        request.history = torch.zeros(1, self.capacity, dtype=torch.long, device=self.device)
+        request.history[:, : request.prompt_len] = inputs["input_ids"]
+        request._prefill_cache = prefill_cache  # loaded into a slot once one is assigned
+        return out.logits[:, -1]
+
+    def _sample(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
+        length = request.prompt_len + len(request.tokens)
+        scores = process_logits(
+            logits, request.history[:, :length], request.sampling, new_tokens=len(request.tokens), eos_token_ids=request.eos
+        )
+        return select_next_tokens(scores, request.sampling, request.generator)
+
+    def _accept(self, request: Request, token: torch.Tensor) -> None:
+        """Record a sampled token (host int); finish or keep the request in its slot."""
+        value = int(token.reshape(-1)[0])
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+            prefill_cache = request.__dict__.pop("_prefill_cache")
+            self.cache.load(request.slot, prefill_cache, request.prompt_len, self.model.config.vision_config.num_patches)
+        position = request.prompt_len + len(request.tokens)
+        request.history[0, position] = value
+        request.tokens.append(value)
+        request.streamer.put([value])
+        if value in request.eos:
+            self._finish(request, "stop")
+        elif len(request.tokens) >= request.max_new_tokens:
+            self._finish(request, "length")
+        elif request.cancel.is_set():
+            self._finish(request, "cancelled")
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        for request in self.slots:
+            if request is not None and request.cancel.is_set():
+                self._finish(request, "cancelled")
+        if self.active == 0:
+            return
+        tokens = torch.zeros(len(self.slots), dtype=torch.long)
+        for request in self.slots:
+            if request is not None:
+                tokens[request.slot] = request.tokens[-1]
+        positions = self.cache.begin_step(self.device)
+        try:
+            logits = self.model(
+                input_ids=tokens.to(self.device)[:, None],
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+        except Exception as error:
+            _recover_memory(error)
+            self._fail_all(_explain(error))
+            return
+        picked = [(r, self._sample(r, logits[r.slot : r.slot + 1])) for r in self.slots if r is not None]
+        chosen = torch.cat([t.reshape(1) for _, t in picked]).cpu()  # the step's one host sync
+        for (request, _), token in zip(picked, chosen):
+            self._accept(request, token)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        now = time.perf_counter()
+        first = request.first_token_at or now
+        decode_time = now - first
+        n = len(request.tokens)
+        request.stats = ReplyStats(
+            time_to_first_token_s=first - request.submitted,
+            tokens=n,
+            tokens_per_s=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
+            finish_reason=reason,
+            prompt_tokens=request.prompt_len,
+        )
+        if request.slot >= 0 and self.slots[request.slot] is request:
+            self.slots[request.slot] = None
+            self.cache.free(request.slot)
+        request.__dict__.pop("_prefill_cache", None)
+        request.streamer.end()
+
+    def _fail_all(self, error: Exception) -> None:
+        for request in self.slots:
+            if request is not None:
+                self.slots[request.slot] = None
+                self.cache.free(request.slot)
+                request.streamer.put_error(error if isinstance(error, EngineError) else EngineError(str(error)))
+
+
+def _is_oom(error: Exception) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _recover_memory(error: Exception) -> None:
+    if _is_oom(error) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _explain(error: Exception) -> Exception:
+    if _is_oom(error):
+        return EngineError(
+            "The device ran out of memory for this request. The server recovered; try a shorter "
+            "conversation, a smaller picture or fewer new tokens."
+        )
+    return error
