@@ -113,7 +113,8 @@ def process_logits(
     attention_mask: (B, L), 0 where input_ids holds padding (left padding of a batched prompt,
       unused slots of a preallocated buffer); those positions are not penalised, like the
       `prompt_ignore_length` transformers derives from the attention mask.
-    Returns new (B, V) float32 scores; the inputs are not modified.
+    Returns (B, V) float32 scores, the logits themselves when no setting applies; the inputs
+    are never modified.
     """
     scores = logits.float()
     if cfg.repetition_penalty != 1.0:

@@ -273,7 +273,10 @@ def test_a_tiny_temperature_samples_the_argmax():
         assert torch.equal(tokens, logits.argmax(-1)), f"seed {seed}: a tiny temperature sampled a non-argmax token"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to detect host syncs")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
 def test_a_decode_step_on_the_gpu_never_syncs_the_host():
     cfg = SamplingConfig(**COMBINED["everything"])
     logits, ids = (t.cuda() for t in random_case(16))
@@ -290,9 +293,8 @@ def test_a_decode_step_on_the_gpu_never_syncs_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@needs_cuda
 def test_gpu_scores_equal_cpu_scores():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     cfg = SamplingConfig(**COMBINED["everything"])
     logits, ids = random_case(17)
     cpu = process_logits(logits, ids, cfg, new_tokens=1, eos_token_ids=EOS)

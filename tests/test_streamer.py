@@ -81,13 +81,9 @@ def tok(bpe) -> ByteLevelTokenizer:
 def drain(streamer: TextIteratorStreamer) -> list[str]:
     """The pieces queued so far, without waiting (the producer runs in this thread)."""
     pieces = []
-    while True:
-        try:
-            item = streamer.text_queue.get_nowait()
-        except queue.Empty:
-            return pieces
-        streamer.text_queue.put(item)  # hand it to __next__, which knows the sentinels
+    while not streamer.text_queue.empty():
         pieces.append(next(streamer))
+    return pieces
 
 
 def stream_one_token_at_a_time(tok: ByteLevelTokenizer, ids: list[int], **kwargs) -> list[str]:
