@@ -1,0 +1,213 @@
+"""MllamaImageProcessor equals transformers' (PIL backend); the fast one agrees within two pixel levels."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.image_io import ImageLoadError
+from model.image_processing import (ImageProcessorSettings, MllamaImageProcessor, get_all_supported_aspect_ratios,
+                                    get_optimal_tiled_canvas)
+from model.image_processing_fast import MllamaImageProcessorFast
+
+STD_MIN = min(0.26862954, 0.26130258, 0.27577711)
+# The resize is separable (a horizontal and a vertical pass) and both PIL and torch round each pass
+# to uint8 with their own fixed-point weights: each pass may land one level apart, so a pixel may
+# differ by two levels at most. Two levels after normalising, plus float32 rounding:
+FAST_TOLERANCE = 2 / (255 * STD_MIN) + 1e-5
+rng = np.random.default_rng(1234)
+
+
+def noise(width: int, height: int, channels: int = 3) -> np.ndarray:
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+def pil(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    if mode in ("RGB", "RGBA", "CMYK"):
+        return Image.fromarray(noise(width, height, len(mode)), mode)
+    if mode == "L":
+        return Image.fromarray(noise(width, height, 1))
+    if mode == "LA":
+        return Image.fromarray(noise(width, height, 4)).convert("LA")
+    if mode == "1":
+        return Image.fromarray(noise(width, height, 1)).convert("1")
+    if mode == "P":
+        return Image.fromarray(noise(width, height)).quantize(16)
+    if mode == "P+transparency":
+        image = Image.fromarray(noise(width, height)).quantize(16)
+        image.info["transparency"] = 3
+        return image
+    raise ValueError(mode)
+
+
+# Every supported grid (rows, cols) for 4 tiles has a size that selects it.
+GRID_SIZES = {(1, 1): (300, 200), (1, 2): (900, 500), (1, 3): (1500, 520), (1, 4): (2100, 500),
+              (2, 1): (500, 900), (2, 2): (900, 900), (3, 1): (520, 1500), (4, 1): (500, 2100)}
+
+CASES = {
+    **{f"grid_{r}x{c}_{w}x{h}": lambda w=w, h=h: pil(w, h) for (r, c), (w, h) in GRID_SIZES.items()},
+    "tiny_1x1": lambda: pil(1, 1),
+    "tiny_2x3": lambda: pil(2, 3),
+    "tiny_5x5": lambda: pil(5, 5),
+    "small_100x50": lambda: pil(100, 50),
+    "exact_tile_560x560": lambda: pil(560, 560),
+    "one_over_tile_561x560": lambda: pil(561, 560),
+    "extreme_1x4000": lambda: pil(1, 4000),
+    "extreme_4000x1": lambda: pil(4000, 1),
+    "extreme_2000x100": lambda: pil(2000, 100),
+    "extreme_100x2000": lambda: pil(100, 2000),
+    "extreme_3000x40": lambda: pil(3000, 40),
+    "photo_1280x853": lambda: pil(1280, 853),
+    "huge_4000x3000": lambda: pil(4000, 3000),
+    "huge_2300x2300": lambda: pil(2300, 2300),
+    "mode_RGBA": lambda: pil(120, 80, "RGBA"),
+    "mode_L": lambda: pil(90, 70, "L"),
+    "mode_LA": lambda: pil(90, 70, "LA"),
+    "mode_1": lambda: pil(90, 70, "1"),
+    "mode_P": lambda: pil(90, 70, "P"),
+    "mode_P_transparency": lambda: pil(90, 70, "P+transparency"),
+    "mode_CMYK": lambda: pil(90, 70, "CMYK"),
+    "numpy_hwc": lambda: noise(130, 90),
+    "numpy_chw": lambda: np.moveaxis(noise(130, 90), -1, 0).copy(),
+    "numpy_rgba_hwc": lambda: noise(130, 90, 4),
+    "numpy_gray_hw1": lambda: noise(130, 90, 1)[:, :, None],
+    "torch_chw": lambda: torch.from_numpy(np.moveaxis(noise(130, 90), -1, 0).copy()),
+    "batch_two_samples": lambda: [[pil(800, 600)], [pil(100, 100), pil(2000, 500)]],
+    "batch_flat_list_one_sample": lambda: [pil(64, 48), pil(48, 64, "L")],
+    "batch_three_samples_uneven": lambda: [[pil(30, 30)], [pil(700, 300), pil(20, 90), pil(600, 600)], [pil(9, 9)]],
+}
+
+
+def assert_same_outputs(ours, ref, pixel_atol: float, what: str) -> None:
+    for key in ("aspect_ratio_ids", "aspect_ratio_mask"):
+        assert torch.equal(ours[key], torch.as_tensor(ref[key])), f"{what}: {key} differs"
+    assert ours["num_tiles"] == [list(n) for n in ref["num_tiles"]], f"{what}: num_tiles differ"
+    expected = torch.as_tensor(ref["pixel_values"])
+    assert ours["pixel_values"].shape == expected.shape, f"{what}: pixel_values shape differs"
+    assert ours["pixel_values"].dtype == torch.float32
+    diff = (ours["pixel_values"] - expected).abs().max().item()
+    assert diff <= pixel_atol, f"{what}: pixel_values differ by {diff} > {pixel_atol}"
+
+
+@pytest.fixture(scope="module")
+def ours() -> MllamaImageProcessor:
+    return MllamaImageProcessor(ImageProcessorSettings.from_dict(
+        {"size": {"height": 560, "width": 560}, "max_image_tiles": 4}))
+
+
+@pytest.fixture(scope="module")
+def fast() -> MllamaImageProcessorFast:
+    return MllamaImageProcessorFast()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pil_processor_equals_transformers(case, ours, reference_image_processor):
+    images = CASES[case]()
+    ref = reference_image_processor(images, return_tensors="pt")
+    assert_same_outputs(ours(images, return_tensors="pt"), ref, 1e-5, case)
+
+
+@pytest.mark.parametrize("case", ["grid_2x2_900x900", "tiny_5x5", "photo_1280x853", "extreme_1x4000",
+                                  "batch_two_samples", "mode_RGBA", "torch_chw", "extreme_2000x100"])
+def test_fast_processor_agrees_with_pil_processor_within_two_levels(case, ours, fast):
+    images = CASES[case]()
+    expected = ours(images)
+    got = fast(images)
+    assert_same_outputs(got, expected, FAST_TOLERANCE, case)
+    mean = (got["pixel_values"] - expected["pixel_values"]).abs().mean().item()
+    assert mean < 1e-3, f"{case}: mean abs difference {mean} suggests more than rounding differences"
+
+
+def test_max_image_tiles_argument_is_honoured_like_transformers(ours, reference_image_processor):
+    image = pil(2100, 500)
+    ref = reference_image_processor(image, return_tensors="pt", max_image_tiles=2)
+    assert_same_outputs(ours(image, max_image_tiles=2), ref, 1e-5, "max_image_tiles=2")
+    assert ours(image, max_image_tiles=2)["pixel_values"].shape[2] == 2
+
+
+def test_supported_aspect_ratios_are_rows_by_cols_in_meta_order():
+    assert get_all_supported_aspect_ratios(4) == ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+
+
+@pytest.mark.parametrize("size, canvas", [((5, 5), (560, 560)), ((100, 50), (560, 560)), ((561, 560), (560, 1120)),
+                                          ((800, 600), (1120, 1120)), ((1121, 560), (560, 1680)),
+                                          ((300, 1200), (1680, 560)), ((2000, 100), (560, 2240))])
+def test_canvas_choice_matches_spec_table(size, canvas):
+    width, height = size
+    assert get_optimal_tiled_canvas(height, width, 4, 560) == canvas
+
+
+def test_missing_image_slots_and_unused_tiles_are_exact_zero(ours):
+    out = ours([[pil(100, 100)], [pil(100, 100), pil(900, 900)]])
+    assert out["pixel_values"][0, 1].abs().sum() == 0, "a missing image slot must be exactly 0"
+    assert out["pixel_values"][0, 0, 1:].abs().sum() == 0, "tiles past an image's count must be exactly 0"
+    assert out["aspect_ratio_mask"][0, 1].tolist() == [1, 0, 0, 0], "tile 0 of a missing slot is set (Meta's padding)"
+
+
+def test_two_dimensional_arrays_are_grayscale(ours):
+    gray = noise(50, 40, 1)
+    assert torch.equal(ours(gray)["pixel_values"], ours(gray[:, :, None])["pixel_values"])
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(ours):
+    levels = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    image16 = Image.fromarray(levels)
+    image8 = Image.fromarray((levels / 257).round().astype(np.uint8))
+    assert torch.equal(ours(image16)["pixel_values"], ours(image8)["pixel_values"])
+
+
+def test_transparent_pixels_become_white(ours):
+    transparent = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    white = Image.new("RGB", (40, 40), (255, 255, 255))
+    assert torch.equal(ours(transparent)["pixel_values"], ours(white)["pixel_values"])
+
+
+def test_settings_are_read_from_preprocessor_config(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 224, "width": 224},
+                                                                   "max_image_tiles": 2, "image_mean": [0.5] * 3}))
+    processor = MllamaImageProcessor.from_pretrained(tmp_path)
+    assert processor(pil(10, 10))["pixel_values"].shape == (1, 1, 2, 3, 224, 224)
+    assert processor.settings.image_mean == (0.5, 0.5, 0.5)
+
+
+def test_settings_are_read_from_processor_config_image_processor_entry(tmp_path):
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {"size": {"height": 112,
+                                                                                            "width": 112}}}))
+    assert MllamaImageProcessorFast.from_pretrained(tmp_path).settings.tile_size == 112
+
+
+def test_missing_config_names_the_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+        MllamaImageProcessor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("config, message", [({"size": {"height": 560, "width": 448}}, "must be a square"),
+                                             ({"do_pad": False}, "do_pad=true"),
+                                             ({"max_image_tiles": 0}, "positive integer")])
+def test_invalid_settings_are_rejected_with_the_field_name(tmp_path, config, message):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        MllamaImageProcessor.from_pretrained(tmp_path)
+
+
+def test_file_paths_are_loaded(ours, tmp_path):
+    image = pil(120, 90)
+    image.save(tmp_path / "a.png")
+    assert torch.equal(ours(str(tmp_path / "a.png"))["pixel_values"], ours(image)["pixel_values"])
+
+
+@pytest.mark.parametrize("array, message", [(np.zeros((5, 5, 5), np.uint8), "C = 1, 3 or 4"),
+                                            (np.full((4, 4, 3), 2.0, np.float32), r"\[0, 1\]"),
+                                            (np.zeros((0, 4, 3), np.uint8), "no pixels")])
+def test_bad_arrays_get_a_clear_error(ours, array, message):
+    with pytest.raises(ImageLoadError, match=message):
+        ours(array)
+
+
+def test_no_images_is_an_error_that_points_to_text_only_use(ours):
+    with pytest.raises(ValueError, match="No images were given"):
+        ours([])
