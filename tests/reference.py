@@ -71,7 +71,9 @@ VARIANTS = [
         "two_tiles_42px_mha_no_rope_scaling",
         vision=dict(image_size=42, max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
                     num_hidden_layers=4, intermediate_layers_indices=[1, 2, 3], vision_output_dim=64),
-        text=dict(num_key_value_heads=4, rope_scaling=None, cross_attention_layers=[0, 3]),
+        # Not layer 0: transformers sizes its decode mask from cache layer 0, which breaks when
+        # that layer is a cross-attention layer (real checkpoints start with self-attention).
+        text=dict(num_key_value_heads=4, rope_scaling=None, cross_attention_layers=[1, 3]),
     ),
     Variant(
         "deeper_gqa4",
