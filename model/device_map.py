@@ -52,12 +52,13 @@ def resolve_device_map(
     if device_map is None:
         return {"": "cpu"}
     if isinstance(device_map, dict):
-        return _explicit(model, device_map)
+        return _resident_loose_tensors(model, _explicit(model, device_map))
     if device_map in STRATEGIES:
         no_split = list(model._no_split_modules)
         if device_map != "sequential":
             max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=no_split, dtype=dtype)
-        return dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype))
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+        return _resident_loose_tensors(model, dict(device_map))
     return {"": parse_device(device_map)}
 
 
@@ -95,6 +96,15 @@ def _disjoint(model: nn.Module, device_map: dict[str, Device]) -> dict[str, Devi
 
     visit("", model)
     return out
+
+
+def _resident_loose_tensors(model: nn.Module, device_map: dict[str, Device]) -> dict[str, Device]:
+    """accelerate's hooks load offloaded weights per module: an entry for a single tensor (a module's
+    own parameter, its children mapped apart) would never be loaded back, so it stays on the main device."""
+    modules = {name for name, _ in model.named_modules()}
+    main = main_device(device_map)
+    offloaded = ("disk",) if main == "cpu" else ("disk", "cpu")
+    return {k: main if k not in modules and d in offloaded else d for k, d in device_map.items()}
 
 
 def _inside(name: str, prefix: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from itertools import groupby
 from typing import Any, ClassVar
 
@@ -117,7 +118,7 @@ class MllamaPreTrainedModel(nn.Module):
         device_map = resolve_device_map(model, device_map, max_memory, target_dtype)
         if "disk" in device_map.values():
             if offload_folder is None:
-                disk = [name or "(everything)" for name, d in device_map.items() if d == "disk"]
+                disk = [repr(name) if name else "the whole model" for name, d in device_map.items() if d == "disk"]
                 raise ValueError(
                     f"device_map puts {few(disk)} on 'disk': pass offload_folder=<a folder> to hold those weights "
                     "(or give more max_memory)"
@@ -264,5 +265,8 @@ def _place(model: nn.Module, device_map: dict[str, Device], offload_folder: str 
     if len(devices) == 1 and "disk" not in devices:
         model.to(torch_device(devices.pop()))
         return
-    dispatch_model(model, device_map, main_device=main_device(device_map), offload_dir=offload_folder)
+    with warnings.catch_warnings():
+        # Entries for single tensors are valid (accelerate's own infer_auto_device_map makes them).
+        warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
+        dispatch_model(model, device_map, main_device=main_device(device_map), offload_dir=offload_folder)
     model.hf_device_map = device_map

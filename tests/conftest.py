@@ -1,0 +1,85 @@
+"""Shared fixtures. Append new ones; don't rewrite others' (several helpers add fixtures here)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference import Variant, build_hf_model, save_hf
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory):
+    """Factory: `tiny_hf_checkpoint(vision={...}, text={...}, seed=0, dtype=None, max_shard_size=None)`
+    -> folder of a random transformers MllamaForConditionalGeneration saved with `save_pretrained`.
+
+    The config is reference.BASE_VISION / BASE_TEXT with `vision` / `text` overrides; gates are
+    opened (non-zero) by reference.build_hf_model. `dtype` casts the model before saving (so
+    config.json and the safetensors say that dtype); `max_shard_size` (e.g. "20KB") makes a sharded
+    checkpoint. Each distinct set of arguments is built once per session: treat the folder as
+    read-only (copy it to tmp_path to damage it).
+    """
+    built: dict[str, Path] = {}
+
+    def make(
+        vision: dict | None = None,
+        text: dict | None = None,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        max_shard_size: str | int | None = None,
+    ) -> Path:
+        key = json.dumps([vision, text, seed, str(dtype), max_shard_size], sort_keys=True)
+        if key not in built:
+            hf = build_hf_model(Variant("tiny", vision or {}, text or {}), seed=seed)
+            if dtype is not None:
+                hf = hf.to(dtype)
+            built[key] = Path(save_hf(hf, tmp_path_factory.mktemp("hf_checkpoint"), max_shard_size))
+        return built[key]
+
+    return make
+
+
+# --- processor fixtures (issue 3: image processing, tokenizer, chat template) ---------------------
+HUB_PREPROCESSOR_CONFIG = {  # meta-llama/Llama-3.2-11B-Vision-Instruct preprocessor_config.json
+    "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "MllamaImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "max_image_tiles": 4, "processor_class": "MllamaProcessor",
+    "resample": 2, "rescale_factor": 0.00392156862745098, "size": {"height": 560, "width": 560},
+}
+OFFICIAL_CHAT_TEMPLATE_FILE = Path(__file__).parent / "data" / "chat_template.json"
+
+
+@pytest.fixture(scope="session")
+def mllama_processor_dir(tmp_path_factory) -> Path:
+    """A checkpoint folder with only the processor files: a Llama-3-style byte-level BPE tokenizer with
+    the real special-token ids (scripts/make_tokenizer.py), the official Instruct chat template and
+    the Hub's preprocessor_config.json. Read-only: copy it to damage it."""
+    from scripts.make_tokenizer import build_llama3_tokenizer, write_tokenizer_files
+
+    folder = tmp_path_factory.mktemp("mllama_processor")
+    template = json.loads(OFFICIAL_CHAT_TEMPLATE_FILE.read_text())["chat_template"]
+    write_tokenizer_files(build_llama3_tokenizer(), folder, template)
+    (folder / "preprocessor_config.json").write_text(json.dumps(HUB_PREPROCESSOR_CONFIG, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference_image_processor():
+    """transformers' MllamaImageProcessor, PIL backend, with the Hub's settings (the oracle)."""
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    return MllamaImageProcessorPil(**{k: v for k, v in HUB_PREPROCESSOR_CONFIG.items()
+                                      if k not in ("image_processor_type", "processor_class")})
+
+
+@pytest.fixture(scope="session")
+def reference_processor(mllama_processor_dir, reference_image_processor):
+    """transformers' MllamaProcessor over the same tokenizer.json and chat template (the oracle)."""
+    from transformers import MllamaProcessor as ReferenceProcessor
+    from transformers import PreTrainedTokenizerFast
+
+    template = json.loads(OFFICIAL_CHAT_TEMPLATE_FILE.read_text())["chat_template"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(mllama_processor_dir))
+    return ReferenceProcessor(image_processor=reference_image_processor, tokenizer=tokenizer, chat_template=template)
