@@ -27,6 +27,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, allow_patterns: list[str] 
     path = os.fspath(path_or_id)
     if os.path.isdir(path):
         return path
+    if os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path!r} is a file: pass the checkpoint folder that holds it")
     try:
         validate_repo_id(path)
     except HFValidationError:

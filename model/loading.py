@@ -126,27 +126,36 @@ class MllamaPreTrainedModel(nn.Module):
             os.makedirs(offload_folder, exist_ok=True)
         _load_weights(model, mapping, infos, device_map, target_dtype, offload_folder)
         _place(model, device_map, offload_folder)
+        generation_file = os.path.join(folder, "generation_config.json")
+        if hasattr(model, "generation_config") and os.path.isfile(generation_file):
+            model.generation_config = _read_json(generation_file)  # generate()'s defaults (eos ids, sampling)
         model.eval()
         model.requires_grad_(False)
         return model
 
     def save_pretrained(self, folder: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
-        """Write config.json and model.safetensors (or shards of at most `max_shard_size` + index),
-        in the Hub layout, which transformers loads too."""
+        """Write config.json, generation_config.json (if loaded with one) and model.safetensors (or
+        shards of at most `max_shard_size` + index), in the Hub layout, which transformers loads too."""
         state = self.state_dict()
         offloaded = [k for k, t in state.items() if t.device.type == "meta"]
         if offloaded:
             raise ValueError(
-                f"cannot save: {len(offloaded)} weights ({few(offloaded)}) are offloaded and not in memory; "
-                "load the model without 'disk' in device_map to save it"
+                f"cannot save: {len(offloaded)} weight(s) ({few(offloaded)}) are offloaded, not in memory; load "
+                "the model without offloading (no 'disk', no 'cpu' next to a GPU in device_map) to save it"
             )
         os.makedirs(folder, exist_ok=True)
         save_weights(state, os.fspath(folder), max_shard_size)
         config = self.config.to_dict()
         config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+        _write_json(os.path.join(folder, "config.json"), config)
+        if getattr(self, "generation_config", None):
+            _write_json(os.path.join(folder, "generation_config.json"), self.generation_config)
+
+
+def _write_json(file: str, data: dict) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _read_json(file: str) -> dict:

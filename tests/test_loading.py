@@ -16,7 +16,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model import MllamaForCausalLM, MllamaForConditionalGeneration
+from model import MllamaForCausalLM, MllamaForConditionalGeneration, MllamaTextModel, MllamaVisionModel
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from model.hub import CheckpointNotFoundError
@@ -115,6 +115,24 @@ def test_explicit_config_is_used_and_not_modified(tiny_hf_checkpoint):
     ours = MllamaForConditionalGeneration.from_pretrained(folder, config=config, semantics="transformers")
     assert ours.config.semantics == "transformers"
     assert config.semantics == "meta", "from_pretrained changed the caller's config"
+
+
+def test_generation_config_json_is_attached(tiny_hf_checkpoint):
+    folder = tiny_hf_checkpoint()
+    ours = MllamaForConditionalGeneration.from_pretrained(folder)
+    assert ours.generation_config == json.loads((folder / "generation_config.json").read_text())
+
+
+def test_model_is_built_on_the_meta_device_before_weights_are_read(tiny_hf_checkpoint):
+    built_on = []
+
+    class Recording(MllamaForConditionalGeneration):
+        def __init__(self, config):
+            super().__init__(config)
+            built_on.append({p.device.type for p in self.parameters()})
+
+    Recording.from_pretrained(tiny_hf_checkpoint())
+    assert built_on == [{"meta"}], f"parameters were allocated at construction: {built_on}"
 
 
 # --- dtype ---------------------------------------------------------------------------------------
@@ -254,13 +272,33 @@ def test_rotary_inv_freq_tensors_in_a_checkpoint_are_ignored(tiny_hf_checkpoint,
     assert ours.language_model.model.rotary_emb.inv_freq.max() < 123.0, "inv_freq was loaded, not computed"
 
 
+def test_vision_model_from_a_full_checkpoint_skips_the_other_weights(tiny_hf_checkpoint):
+    folder = tiny_hf_checkpoint()
+    vision = MllamaVisionModel.from_pretrained(folder)
+    want = {
+        key.removeprefix("vision_model."): tensor
+        for key, tensor in transformers_weights(folder).items()
+        if key.startswith("vision_model.")
+    }
+    assert_same_weights(vision.state_dict(), want)
+
+
+def test_text_model_round_trips_through_its_own_unprefixed_export(tiny_hf_checkpoint, tmp_path):
+    text = MllamaTextModel.from_pretrained(tiny_hf_checkpoint())
+    text.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "embed_tokens.weight" in f.keys(), "the text model's own export has no prefix"
+    assert_same_weights(MllamaTextModel.from_pretrained(tmp_path).state_dict(), text.state_dict())
+
+
 # --- save_pretrained -----------------------------------------------------------------------------
 
 
 def test_save_pretrained_writes_the_hub_layout_that_transformers_loads(tiny_hf_checkpoint, tmp_path):
     ours = MllamaForConditionalGeneration.from_pretrained(tiny_hf_checkpoint(), dtype="bfloat16")
     ours.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == ours.generation_config
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert set(f.keys()) == set(ours.state_dict()), "saved keys are not the Hub names"
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -346,6 +384,11 @@ def test_folder_without_safetensors_is_refused(tiny_hf_checkpoint, tmp_path):
         MllamaForConditionalGeneration.from_pretrained(folder)
 
 
+def test_bad_semantics_lists_the_valid_ones(tiny_hf_checkpoint):
+    with pytest.raises(ConfigError, match=r"semantics must be one of \('meta', 'transformers'\), got 'hf'"):
+        MllamaForConditionalGeneration.from_pretrained(tiny_hf_checkpoint(), semantics="hf")
+
+
 def test_bad_dtype_lists_the_valid_ones(tiny_hf_checkpoint):
     with pytest.raises(ValueError, match="dtype must be 'auto', a floating torch.dtype or one of 'bfloat16', 'float16'.*got 'bf17'"):
         MllamaForConditionalGeneration.from_pretrained(tiny_hf_checkpoint(), dtype="bf17")
@@ -392,6 +435,31 @@ def test_unknown_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch, tmp_
     assert repo in message and "pass that folder instead of the id" in message and "HF_TOKEN" in message
 
 
+def test_hub_id_in_the_local_cache_loads_without_network(tiny_hf_checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--some-org--tiny-mllama"
+    shutil.copytree(tiny_hf_checkpoint(), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    ours = MllamaForConditionalGeneration.from_pretrained("some-org/tiny-mllama")
+    assert_same_weights(ours.state_dict(), transformers_weights(tiny_hf_checkpoint()))
+
+
 def test_missing_local_folder_is_not_mistaken_for_a_hub_id(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="is not a folder .* pass the folder that holds config.json"):
         MllamaForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
+
+
+def test_a_file_instead_of_a_folder_is_refused(tiny_hf_checkpoint):
+    with pytest.raises(CheckpointNotFoundError, match="is a file: pass the checkpoint folder that holds it"):
+        MllamaForConditionalGeneration.from_pretrained(tiny_hf_checkpoint() / "config.json")
+
+
+def test_saving_a_disk_offloaded_model_is_refused(tiny_hf_checkpoint, tmp_path):
+    ours = MllamaForConditionalGeneration.from_pretrained(
+        tiny_hf_checkpoint(), device_map={"": "cpu", "language_model.lm_head": "disk"}, offload_folder=tmp_path / "off"
+    )
+    with pytest.raises(ValueError, match=r"cannot save: 1 weight\(s\) \(language_model.lm_head.weight\) are offloaded"):
+        ours.save_pretrained(tmp_path / "saved")
