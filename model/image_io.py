@@ -124,8 +124,8 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
         except Image.DecompressionBombError:
             image = None
         if image is None:
-            raise ImageLoadError(f"{name} is a decompression bomb: its header declares more pixels than PIL allows. "
-                                 "Shrink the image before sending it.")
+            raise ImageLoadError(f"{name} declares more pixels than PIL will decode (a guard against decompression "
+                                 "bombs). Shrink the image before sending it.")
         _check_pixels(image.size, max_pixels, f"{name}")
         try:
             image.seek(0)  # animated images: the first frame

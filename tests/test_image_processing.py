@@ -1,14 +1,17 @@
 """MllamaImageProcessor equals transformers' (PIL backend); the fast one agrees within two pixel levels."""
 from __future__ import annotations
 
+import base64
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from model.image_io import ImageLoadError
+from model.image_io import ImageLoadError, load_image
 from model.image_processing import (ImageProcessorSettings, MllamaImageProcessor, get_all_supported_aspect_ratios,
                                     get_optimal_tiled_canvas)
 from model.image_processing_fast import MllamaImageProcessorFast
@@ -211,3 +214,104 @@ def test_bad_arrays_get_a_clear_error(ours, array, message):
 def test_no_images_is_an_error_that_points_to_text_only_use(ours):
     with pytest.raises(ValueError, match="No images were given"):
         ours([])
+
+
+# ----------------------------------------------------------------------------- loading (model/image_io.py)
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (the pixel data is never reached)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def saved(image: Image.Image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def test_missing_file_error_says_to_check_the_path(tmp_path):
+    with pytest.raises(ImageLoadError, match="not found.*Check the path"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_folder_instead_of_file_is_refused(tmp_path):
+    with pytest.raises(ImageLoadError, match="is a folder"):
+        load_image(tmp_path)
+
+
+def test_empty_file_is_refused(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageLoadError, match="empty.*complete image"):
+        load_image(tmp_path / "empty.png")
+
+
+def test_non_image_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("this is not a picture")
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_image(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file_is_refused(tmp_path, fmt):
+    data = (saved(pil(200, 150), tmp_path / f"full.{fmt}", format=fmt)).read_bytes()
+    (tmp_path / "cut").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="truncated or corrupt"):
+        load_image(tmp_path / "cut")
+
+
+def test_image_over_the_pixel_limit_is_refused_from_the_header(tmp_path):
+    (tmp_path / "big.png").write_bytes(png_header_only(12000, 11000))  # 132 MP: ours refuses, PIL would decode
+    with pytest.raises(ImageLoadError, match="132 megapixels, over the limit.*decompression bombs"):
+        load_image(tmp_path / "big.png")
+
+
+def test_decompression_bomb_is_refused_from_the_header(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_header_only(60000, 60000))
+    with pytest.raises(ImageLoadError, match="decompression bombs.*Shrink the image"):
+        load_image(tmp_path / "bomb.png")
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    path = saved(pil(20, 20), tmp_path / "a.png")
+    with pytest.raises(ImageLoadError, match="over the limit"):
+        load_image(path, max_pixels=100)
+
+
+def test_unsupported_source_type_lists_what_is_accepted():
+    with pytest.raises(ImageLoadError, match="file path, an http"):
+        load_image(3.5)
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    assert load_image(tmp_path / "anim.gif").convert("RGB").getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_exif_orientation_is_applied_when_loading_files(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = saved(pil(40, 20), tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(path).size == (20, 40), "load_image must apply EXIF orientation"
+    assert Image.open(path).size == (40, 20), "an opened PIL image is passed to the processor as it is"
+
+
+def test_sixteen_bit_png_loads_and_processes(tmp_path, ours):
+    levels = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
+    path = saved(Image.fromarray(levels), tmp_path / "deep.png")
+    out = ours(str(path))
+    assert out["pixel_values"].shape == (1, 1, 4, 3, 560, 560)
+    assert out["pixel_values"][0, 0, 0].std() > 0.1, "a 16-bit gradient must not turn into a flat picture"
+
+
+def test_cmyk_jpeg_loads_and_processes(tmp_path, ours):
+    path = saved(pil(50, 30, "CMYK"), tmp_path / "cmyk.jpg")
+    assert load_image(path).mode == "CMYK"
+    assert ours(str(path))["aspect_ratio_ids"].tolist() == [[1]]
+
+
+def test_data_uri_and_bytes_are_accepted(tmp_path):
+    data = saved(pil(8, 6), tmp_path / "a.png").read_bytes()
+    assert load_image(data).size == (8, 6)
+    assert load_image("data:image/png;base64," + base64.b64encode(data).decode()).size == (8, 6)
