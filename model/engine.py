@@ -97,7 +97,7 @@ class ChatEngine:
         self.info = EngineInfo(
             model_id=model_id,
             is_demo_model=os.path.abspath(model_id) == os.path.abspath(DEMO_MODEL),
-            tile_size=image.tile_size,
+            tile_size=image.settings.tile_size,
             max_tiles=image.max_image_tiles,
             context_tokens=self.context_tokens,
             defaults=_defaults(generation_config),

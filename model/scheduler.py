@@ -128,8 +128,16 @@ class Scheduler:
             ) from None
 
     def close(self) -> None:
+        """Stop serving; requests still running or waiting end with an error."""
         self._closed.set()
         self._thread.join(timeout=10)
+        gone = EngineError("the engine was shut down before this request finished")
+        self._fail_all(gone)
+        while True:
+            try:
+                self.waiting.get_nowait().streamer.put_error(gone)
+            except queue.Empty:
+                return
 
     @property
     def active(self) -> int:
@@ -137,6 +145,7 @@ class Scheduler:
 
     # --- the serving loop ------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def _serve(self) -> None:
         while not self._closed.is_set():
             try:
@@ -179,7 +188,6 @@ class Scheduler:
         self.slots[slot] = request
         self._accept(request, self._sample(request, logits))
 
-    @torch.inference_mode()
     def _prefill(self, request: Request) -> torch.Tensor:
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in request.inputs.items()}
         prefill_cache = MllamaCache(len(self.cache.layers), capacity=request.prompt_len)
@@ -225,7 +233,6 @@ class Scheduler:
         elif request.cancel.is_set():
             self._finish(request, "cancelled")
 
-    @torch.inference_mode()
     def _decode_step(self) -> None:
         for request in self.slots:
             if request is not None and request.cancel.is_set():

@@ -54,6 +54,7 @@ class Variant:
     name: str
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
+    image_token: int = IMAGE_TOKEN
 
     def hf_config(self):
         from transformers import MllamaConfig
@@ -62,7 +63,7 @@ class Variant:
         text = {**copy.deepcopy(BASE_TEXT), **self.text}
         if text.get("rope_scaling") is None:
             text.pop("rope_scaling")
-        return MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
+        return MllamaConfig(vision_config=vision, text_config=text, image_token_index=self.image_token)
 
 
 VARIANTS = [
