@@ -1,11 +1,33 @@
-"""Entry point of the chat app."""
+"""Entry point: read flags and environment, load the model, build the page, serve it.
+
+    python app.py                      # Llama 3.2 Vision if cached locally, else the tiny demo model
+    python app.py --model meta-llama/Llama-3.2-11B-Vision-Instruct --device-map auto
+    python app.py --help               # every flag and its environment variable
+"""
+from __future__ import annotations
+
+import logging
 import sys
 
 
-def main() -> int:
-    print("The chat UI is not there yet; see README.md for what works today.")
+def main(argv: list[str]) -> int:
+    from app.config import ConfigError, parse_config
+
+    try:
+        config = parse_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.server import launch, load_engine
+    from app.ui import build_demo
+
+    engine = load_engine(config)
+    if engine is None:
+        return 1
+    launch(build_demo(engine, config), config)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""`/ask`: the endpoint for programs. One picture (optional) and one question in, the answer streamed out.
+
+Each call is independent (no conversation). The answer grows with every streamed update, so a
+client reading `job` sees "R", "Red", "Red." and `job.result()`/`predict` give the whole text.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from model.engine import EngineError
+from model.image_io import ImageLoadError, load_image
+
+from .answering import settings_from
+from .conversation import DEFAULT_QUESTION
+
+
+def add_ask_endpoint(engine: Any, max_new_tokens: int, concurrency_limit: int) -> None:
+    """Register `/ask` on the Blocks being built. Its components are invisible: it has no place on the page."""
+    defaults = engine.info.defaults
+
+    def ask(image: str | None, question: str, max_new_tokens_: float | None, temperature: float | None,
+            top_p: float | None, seed: float | None) -> Iterator[str]:
+        if not (question or "").strip() and image is None:
+            raise gr.Error("Send a question, a picture, or both.")
+        try:
+            settings = settings_from(
+                defaults.max_new_tokens if max_new_tokens_ is None else max_new_tokens_,
+                defaults.temperature if temperature is None else temperature,
+                defaults.top_p if top_p is None else top_p,
+                defaults.top_k, defaults.repetition_penalty, seed, limit=max_new_tokens)
+            content: list[dict] = [{"type": "text", "text": (question or "").strip() or DEFAULT_QUESTION}]
+            if image is not None:
+                content.insert(0, {"type": "image", "image": load_image(image)})
+        except (ImageLoadError, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        cancel = threading.Event()
+        pieces = engine.chat([{"role": "user", "content": content}], settings, cancel=cancel)
+        text = ""
+        try:
+            for item in pieces:
+                if isinstance(item, str):
+                    text += item
+                    yield text
+        except EngineError as error:
+            raise gr.Error(str(error)) from None
+        finally:  # a client that cancels or disconnects stops the computation
+            cancel.set()
+            pieces.close()
+        if not text:
+            yield text
+
+    with gr.Column(visible=False):
+        inputs = [
+            gr.File(label="image", file_types=["image"], type="filepath"),
+            gr.Textbox(label="question"),
+            gr.Number(label="max_new_tokens", value=min(defaults.max_new_tokens, max_new_tokens), precision=0,
+                      minimum=1, maximum=max_new_tokens),
+            gr.Number(label="temperature", value=defaults.temperature, minimum=0,
+                      info="0 means greedy: always the most likely next token"),
+            gr.Number(label="top_p", value=defaults.top_p, minimum=0, maximum=1),
+            gr.Number(label="seed", value=None, precision=0, info="empty for a random seed"),
+        ]
+        answer = gr.Textbox(label="answer")
+    gr.on(triggers=[], fn=ask, inputs=inputs, outputs=answer, api_name="ask",
+          api_description="Answer one question about one picture (optional), streaming the answer as it grows.",
+          concurrency_id="answer", concurrency_limit=concurrency_limit)

@@ -1,0 +1,120 @@
+"""The page: a chat about pictures. First what is on the page, then how its events are wired."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .answering import RunningAnswers
+from .api import add_ask_endpoint
+from .config import EXAMPLES_DIR, LLAMA_VISION, AppConfig
+from .conversation import Conversation
+from .display import POLICY, picture_card
+from .examples import load_examples
+from .handlers import ChatHandlers, textbox_ready
+
+CSS = (Path(__file__).parent / "theme.css").read_text()
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+DEMO_NOTE = (
+    "**Demo model.** Answers come from `tiny-mllama`, a few-MB model trained on simple drawings: it only "
+    "knows the colour, shape and number of shapes in a picture. To chat with the real model, run "
+    f"`python app.py --model {LLAMA_VISION}` (a GPU with 24 GB or more; accept the license on the model "
+    "page and set `HF_TOKEN`).")
+
+
+def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
+    info = engine.info
+    defaults = info.defaults
+    handlers = ChatHandlers(engine, config.max_new_tokens, RunningAnswers())
+    examples = load_examples(EXAMPLES_DIR) if EXAMPLES_DIR.is_dir() else []
+
+    with gr.Blocks(title="Llama 3.2 Vision chat", fill_height=True) as demo:
+        conversation = gr.State(Conversation())
+
+        # ---- the page -------------------------------------------------------------------------
+        with gr.Row(elem_id="header"):
+            gr.Markdown(f"# Llama 3.2 Vision chat\n`{model_name(info.model_id)}` · ask about a picture, "
+                        "or just chat")
+        if info.is_demo_model:
+            gr.Markdown(DEMO_NOTE, elem_id="demo-note")
+
+        with gr.Row(equal_height=False, elem_id="main"):
+            with gr.Column(scale=3, min_width=320, elem_id="chat-column"):
+                chatbot = gr.Chatbot(
+                    label="Conversation", show_label=False, elem_id="chat", scale=1, min_height=360,
+                    height="62vh", buttons=["copy", "copy_all"], latex_delimiters=LATEX,
+                    feedback_options=None, layout="bubble",
+                    placeholder="### Ask about a picture\nAdd one with the clip button, paste it or drop it "
+                                "on the message box, or start from an example below.")
+                textbox = gr.MultimodalTextbox(
+                    show_label=False, elem_id="message", file_types=["image"], file_count="single",
+                    sources=["upload"], placeholder="Ask a question. Add a picture with the clip, or paste or drop one here.",
+                    max_plain_text_length=20000, autofocus=True, submit_btn=True, stop_btn=False)
+                with gr.Row(elem_id="actions"):
+                    retry_button = gr.Button("↻ Retry", size="sm", elem_id="retry", min_width=80)
+                    undo_button = gr.Button("↶ Undo", size="sm", elem_id="undo", min_width=80)
+                    clear_button = gr.Button("✕ Clear", size="sm", elem_id="clear", min_width=80)
+                if examples:
+                    gr.Examples(examples, inputs=textbox, label="Examples: pick one, then press Enter",
+                                api_visibility="private", examples_per_page=8)
+
+            with gr.Column(scale=1, min_width=280, elem_id="side-column"):
+                with gr.Group(elem_id="picture-card"):
+                    thumbnail = gr.Image(label="What the model sees", interactive=False, height=200,
+                                         buttons=["fullscreen"], elem_id="active-picture",
+                                         placeholder="No picture")
+                    caption = gr.Markdown(picture_card(None, info.tile_size), elem_id="picture-caption")
+                with gr.Accordion("One picture at a time", open=True, elem_id="policy"):
+                    gr.Markdown(POLICY)
+                with gr.Accordion("Generation settings", open=False, elem_id="settings"):
+                    system_prompt = gr.Textbox(label="System prompt", lines=2,
+                                               placeholder="Optional, e.g. “Answer in one short sentence.”")
+                    temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature",
+                                            info="0 = greedy: always the most likely next token")
+                    top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
+                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k", info="0 = off")
+                    max_new_tokens = gr.Slider(1, config.max_new_tokens, step=1, label="Max new tokens",
+                                               value=min(defaults.max_new_tokens, config.max_new_tokens))
+                    repetition_penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05,
+                                                   label="Repetition penalty", info="1 = off")
+                    seed = gr.Number(label="Seed", value=defaults.seed, precision=0,
+                                     info="empty = a new random seed for every answer")
+                    reset_button = gr.Button("Reset to the model's defaults", size="sm")
+
+        add_ask_endpoint(engine, config.max_new_tokens, config.max_batch)
+
+        # ---- the wiring -----------------------------------------------------------------------
+        settings = [system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed]
+        shown = [conversation, chatbot]
+        card = [thumbnail, caption]
+        quick = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
+        answering = {"api_visibility": "private", "concurrency_id": "answer",
+                     "concurrency_limit": config.max_batch, "show_progress": "minimal"}
+
+        submitted = textbox.submit(handlers.submit, [conversation, textbox], [*shown, textbox, *card], **quick)
+        submit_answer = submitted.success(handlers.answer, [conversation, *settings], shown, **answering)
+        submit_answer.then(textbox_ready, None, textbox, **quick)
+
+        retried = retry_button.click(handlers.retry, conversation, [*shown, textbox], **quick)
+        retry_answer = retried.success(handlers.answer, [conversation, *settings], shown, **answering)
+        retry_answer.then(textbox_ready, None, textbox, **quick)
+
+        textbox.stop(handlers.stop, conversation, [*shown, textbox], cancels=[submit_answer, retry_answer],
+                     **quick)
+        undo_button.click(handlers.undo, conversation, [*shown, textbox, *card], **quick)
+        clear_button.click(handlers.clear, None, [*shown, textbox, *card], cancels=[submit_answer, retry_answer],
+                           **quick)
+        reset_button.click(lambda: [defaults.temperature, defaults.top_p, defaults.top_k,
+                                    min(defaults.max_new_tokens, config.max_new_tokens),
+                                    defaults.repetition_penalty, defaults.seed],
+                           None, settings[1:], **quick)
+        demo.unload(handlers.leave)
+    return demo
+
+
+def model_name(model_id: str) -> str:
+    """A checkpoint folder is shown by its name, a Hub id as it is."""
+    path = Path(model_id)
+    return path.name if path.is_absolute() or path.exists() else model_id
