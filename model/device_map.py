@@ -32,6 +32,7 @@ def check_device_map_arg(device_map: Any) -> None:
 def parse_device(value: Any, allow_disk: bool = False) -> Device:
     """A device as accelerate wants it: a GPU index, 'cpu', 'cuda:1', ... (or 'disk' in a dict)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        _check_gpu(value)
         return value
     if allow_disk and value == "disk":
         return value
@@ -41,8 +42,18 @@ def parse_device(value: Any, allow_disk: bool = False) -> Device:
         except RuntimeError:
             device = None
         if device is not None and device.type in ("cpu", "cuda", "mps", "xpu"):
+            if device.type == "cuda":
+                _check_gpu(device.index or 0)
             return str(device)
     raise ValueError(f"{_HELP}; got {value!r}")
+
+
+def _check_gpu(index: int) -> None:
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device_map asks for GPU {index}, but torch sees {torch.cuda.device_count()} GPU(s) "
+            f"(torch {torch.__version__}); use 'cpu' or 'auto'"
+        )
 
 
 def resolve_device_map(

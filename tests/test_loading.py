@@ -402,6 +402,15 @@ def test_bad_device_map_lists_the_valid_values(tiny_hf_checkpoint, device_map):
         MllamaForConditionalGeneration.from_pretrained(tiny_hf_checkpoint(), device_map=device_map)
 
 
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.parametrize("device_map", [GPUS, f"cuda:{GPUS}", {"": f"cuda:{GPUS}"}])
+def test_device_map_naming_a_gpu_that_is_not_there_says_so(tiny_hf_checkpoint, device_map):
+    with pytest.raises(ValueError, match=rf"device_map asks for GPU {GPUS}, but torch sees {GPUS} GPU\(s\).*'cpu' or 'auto'"):
+        MllamaForConditionalGeneration.from_pretrained(tiny_hf_checkpoint(), device_map=device_map)
+
+
 def test_device_map_that_leaves_modules_out_names_them(tiny_hf_checkpoint):
     with pytest.raises(ValueError, match=r"device_map gives no device to 'language_model\..*or '' for everything"):
         MllamaForConditionalGeneration.from_pretrained(
