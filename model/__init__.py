@@ -21,13 +21,16 @@ _EXPORTS = {
     "TextIteratorStreamer": "streamer",
     "pipeline": "pipeline",
 }
+# transformers' Auto* names used by the reference's own examples.
+_ALIASES = {"AutoProcessor": "MllamaProcessor"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, *_ALIASES])
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    target = _ALIASES.get(name, name)
+    if target not in _EXPORTS:
         raise AttributeError(f"module 'model' has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    value = getattr(import_module(f".{_EXPORTS[target]}", __name__), target)
     globals()[name] = value
     return value

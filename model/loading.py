@@ -84,6 +84,7 @@ class MllamaPreTrainedModel(nn.Module):
         offload_folder: str | os.PathLike | None = None,
         semantics: str | None = None,
         config: Any = None,
+        torch_dtype: str | torch.dtype | None = None,
     ) -> "MllamaPreTrainedModel":
         """Load a checkpoint folder or Hub id, ready for inference (eval mode, no gradients).
 
@@ -92,7 +93,12 @@ class MllamaPreTrainedModel(nn.Module):
         fills `max_memory`, then CPU, then disk), one device, or {module name: device or "disk"}.
         offload_folder: where "disk" weights go. semantics: "meta" or "transformers", overrides the
         config's (see config.SEMANTICS). config: use this config instead of the checkpoint's config.json.
+        torch_dtype: the older name of `dtype`, still used by the reference's examples.
         """
+        if torch_dtype is not None:
+            if dtype != "auto":
+                raise ValueError("pass dtype=... or torch_dtype=..., not both")
+            dtype = torch_dtype
         target_dtype = None if dtype == "auto" else _parse_dtype(dtype, "dtype")
         check_device_map_arg(device_map)
         if max_memory is not None and device_map not in STRATEGIES:
