@@ -87,24 +87,21 @@ def map_keys(keys: list[str], prefixes: tuple[tuple[str, str], ...]) -> dict[str
     checkpoint is the module's own export rather than a bigger model it is part of.
     """
     keys = [k for k in keys if not k.endswith("inv_freq")]
-    if any(k.startswith(b) for k in keys for b, _ in _FORMAT_B_TO_A[:3]):
-        keys_a = {_rename(k, _FORMAT_B_TO_A) or k: k for k in keys}
-    else:
-        keys_a = {k: k for k in keys}
-    specific = tuple((c, m) for c, m in prefixes if c)
-    if not any(a.startswith(c) for a in keys_a for c, _ in specific):
-        specific = prefixes
-    mapping: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    for key_a, key in keys_a.items():
-        name = _rename(key_a, specific)
+    # `lm_head.` alone does not mean format B: text-only exports (format C) use it too.
+    format_b = any(k.startswith(b) for k in keys for b, _ in _FORMAT_B_TO_A[:3])
+    renamed = [((_rename(k, _FORMAT_B_TO_A) or k) if format_b else k, k) for k in keys]
+    pairs = tuple((c, m) for c, m in prefixes if c)
+    if not any(a.startswith(c) for a, _ in renamed for c, _ in pairs):
+        pairs = prefixes  # the module's own export: the catch-all applies
+    owner: dict[str, str] = {}  # parameter name -> checkpoint key
+    for key_a, key in renamed:
+        name = _rename(key_a, pairs)
         if name is None:
             continue
-        if name in seen:
-            raise CheckpointError(f"checkpoint tensors {seen[name]!r} and {key!r} both load into {name!r}")
-        seen[name] = key
-        mapping[key] = name
-    return mapping
+        if name in owner:
+            raise CheckpointError(f"checkpoint tensors {owner[name]!r} and {key!r} both load into {name!r}")
+        owner[name] = key
+    return {key: name for name, key in owner.items()}
 
 
 def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str | None:

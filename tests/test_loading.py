@@ -5,6 +5,7 @@ dict after renaming its >= 4.52 layout (format B) to the Hub layout (format A), 
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -34,13 +35,16 @@ TEXT_IDS = torch.tensor([[1, 17, 42, 99, 250, 7, 3, 64]])
 def hub_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, tensor in state.items():
-        old, new = next((o, n) for o, n in B_TO_A if key.startswith(o))
+        renames = [(o, n) for o, n in B_TO_A if key.startswith(o)]
+        assert renames, f"transformers has a key this test does not know how to rename: {key}"
+        old, new = renames[0]
         out[new + key[len(old):]] = tensor
     return out
 
 
+@functools.lru_cache
 def transformers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """What transformers loads from `folder`, under the Hub names."""
+    """What transformers loads from `folder`, under the Hub names (cached: don't modify)."""
     hf = transformers.MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     return hub_layout(hf.state_dict())
 
@@ -355,6 +359,15 @@ def test_missing_and_unexpected_keys_are_listed(tiny_hf_checkpoint, tmp_path):
     assert all(repr(key) in message for key in removed), message
     assert "7 checkpoint tensor(s) match no weight of MllamaForConditionalGeneration: 'extra.t" in message
     assert message.count("'extra.t") == 5 and "and 2 more" in message, message
+
+
+def test_two_tensors_for_one_weight_are_refused(tiny_hf_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_hf_checkpoint(), tmp_path / "ckpt")
+    weights = load_file(folder / "model.safetensors")
+    weights["model.language_model.norm.weight"] = weights["language_model.model.norm.weight"].clone()
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'model.language_model.norm.weight' both load into 'language_model.model.norm.weight'"):
+        MllamaForConditionalGeneration.from_pretrained(folder)
 
 
 def test_shape_mismatch_names_key_expected_and_found(tiny_hf_checkpoint, tmp_path):
