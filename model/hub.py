@@ -13,6 +13,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+_IGNORE = ["original/*"]  # Meta's consolidated.pth checkpoints, which we do not read
+
 
 class CheckpointNotFoundError(OSError):
     """Neither a local folder nor a Hub repository we can get."""
@@ -22,7 +24,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, allow_patterns: list[str] 
     """Return a local folder holding the checkpoint `path_or_id`.
 
     A local folder is used as is. Anything else must be a Hub id ("org/name"): the local Hugging Face
-    cache is tried first (no network), then the Hub, downloading only files matching `allow_patterns`.
+    cache is tried first (no network), then the Hub, downloading only files matching `allow_patterns`
+    (all by default) and never Meta's `original/` weights (another format, as big again).
     """
     path = os.fspath(path_or_id)
     if os.path.isdir(path):
@@ -38,7 +41,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, allow_patterns: list[str] 
         ) from None
     try:
         # Offline-first: a complete cached snapshot needs no network (an incomplete one raises).
-        return snapshot_download(path, allow_patterns=allow_patterns, local_files_only=True)
+        return snapshot_download(path, allow_patterns=allow_patterns, ignore_patterns=_IGNORE, local_files_only=True)
     except LocalEntryNotFoundError:
         pass
     how_to = (
@@ -47,7 +50,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, allow_patterns: list[str] 
         "page and set HF_TOKEN."
     )
     try:
-        return snapshot_download(path, allow_patterns=allow_patterns)
+        return snapshot_download(path, allow_patterns=allow_patterns, ignore_patterns=_IGNORE)
     except GatedRepoError as e:
         raise CheckpointNotFoundError(
             f"{path!r} is a gated Hugging Face repository and this machine has no access to it ({e}). {how_to}"

@@ -469,6 +469,25 @@ def test_hub_id_in_the_local_cache_loads_without_network(tiny_hf_checkpoint, mon
     assert_same_weights(ours.state_dict(), transformers_weights(tiny_hf_checkpoint()))
 
 
+def test_hub_id_not_cached_is_downloaded_without_meta_original_weights(tiny_hf_checkpoint, monkeypatch):
+    import model.hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        return str(tiny_hf_checkpoint())
+
+    monkeypatch.setattr(model.hub, "snapshot_download", fake_snapshot_download)
+    MllamaForConditionalGeneration.from_pretrained("some-org/tiny-mllama")
+    assert [c.get("local_files_only", False) for c in calls] == [True, False], "cache first, then the network"
+    assert all("original/*" in c["ignore_patterns"] for c in calls)
+    assert all("*.safetensors" in c["allow_patterns"] for c in calls)
+
+
 def test_missing_local_folder_is_not_mistaken_for_a_hub_id(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="is not a folder .* pass the folder that holds config.json"):
         MllamaForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
