@@ -270,13 +270,21 @@ class MllamaImageProcessor:
     def _process_one(self, image: Any, out: np.ndarray, max_image_tiles: int) -> tuple[int, int]:
         """Resize, pad, normalise and tile one image into `out` (max_image_tiles, 3, S, S); returns (rows, cols)."""
         rgb = to_rgb_array(image)
-        tile = self.settings.tile_size
-        (new_h, new_w), (rows, cols) = plan_resize(rgb.shape[0], rgb.shape[1], max_image_tiles, tile)
+        (new_h, new_w), grid = plan_resize(rgb.shape[0], rgb.shape[1], max_image_tiles, self.settings.tile_size)
         resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=self.settings.resample))
-        canvas = np.zeros((rows * tile, cols * tile, 3), dtype=np.uint8)  # padding is level 0, i.e. black
-        canvas[:new_h, :new_w] = resized
-        for k in range(rows * cols):
-            block = canvas[(k // cols) * tile:(k // cols + 1) * tile, (k % cols) * tile:(k % cols + 1) * tile]
-            for c in range(3):
-                np.take(self._table[c], block[:, :, c], out=out[k, c])
-        return rows, cols
+        normalize_into_tiles(np.moveaxis(resized, -1, 0), grid, self._table, out)
+        return grid
+
+
+def normalize_into_tiles(image: np.ndarray, grid: tuple[int, int], table: np.ndarray, out: np.ndarray) -> None:
+    """Write the (3, h, w) uint8 `image`, padded bottom/right with level 0 and normalised through `table`
+    (3, 256), as row-major tiles into `out` (>= rows*cols, 3, S, S)."""
+    rows, cols = grid
+    tile = out.shape[-1]
+    for k in range(rows * cols):
+        part = image[:, (k // cols) * tile:(k // cols + 1) * tile, (k % cols) * tile:(k % cols + 1) * tile]
+        height, width = part.shape[1:]
+        for c in range(3):
+            out[k, c, height:] = table[c, 0]  # padding is level 0, i.e. black
+            out[k, c, :height, width:] = table[c, 0]
+            np.take(table[c], part[c], out=out[k, c, :height, :width])

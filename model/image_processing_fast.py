@@ -1,7 +1,8 @@
 """MllamaImageProcessorFast: the same pipeline as MllamaImageProcessor in torch, batched, on any device.
 
-Images of equal size are resized together; normalisation is one multiply-add per channel, equal to
-the PIL processor's lookup table up to float32 rounding (< 1e-6). The resize is torch's antialiased bilinear
+Images of equal size are resized together. Normalisation is the PIL processor's lookup table on CPU
+(exact) and one multiply-add per channel elsewhere (equal up to float32 rounding, < 1e-6).
+The resize is torch's antialiased bilinear
 (the same filter as PIL's BILINEAR): on CPU in uint8, elsewhere in float32 rounded back to uint8.
 Both resize in two separable passes, each rounded to uint8 with its own fixed-point weights, so a
 pixel may land up to one level apart per pass: pixel values differ from MllamaImageProcessor by at
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .batch_feature import BatchFeature, convert_tensors
-from .image_processing import (ImageProcessorSettings, aspect_ratio_ids_and_mask, load_nested_images, plan_resize,
-                               to_rgb_array)
+from .image_processing import (ImageProcessorSettings, aspect_ratio_ids_and_mask, load_nested_images,
+                               normalize_into_tiles, plan_resize, to_rgb_array)
 
 
 def _to_chw_uint8(image: Any, device: torch.device) -> torch.Tensor:
@@ -40,6 +41,11 @@ def resize_uint8(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if images.device.type == "cpu":  # torch's uint8 kernel: mirrors PIL's filter, fast, integer output
         return F.interpolate(images.contiguous(memory_format=torch.channels_last), size=(height, width),
                              mode="bilinear", antialias=True, align_corners=False)
+    return resize_via_float(images, height, width)
+
+
+def resize_via_float(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The same resize in float32 (GPUs have no uint8 kernel), rounded back to uint8."""
     x = images.float()
     if width == 1:  # torch's float antialias kernel mis-resizes to a single column; resize the transpose
         x = F.interpolate(x.transpose(2, 3), size=(1, height), mode="bilinear", antialias=True).transpose(2, 3)
@@ -61,8 +67,9 @@ class MllamaImageProcessorFast:
                 {**base.__dict__, "size": {"height": base.tile_size, "width": base.tile_size}, **overrides})
         self.settings = base
         self.device = torch.device(device)
-        # level v -> v * gain + offset; equals the PIL processor's table up to float32 rounding (~1e-6)
-        table = torch.from_numpy(base.table()).double()
+        self._table = base.table()
+        # Off CPU, level v -> v * gain + offset: the table up to float32 rounding (~1e-6).
+        table = torch.from_numpy(self._table).double()
         self._gain = (table[:, 255] - table[:, 0]).div(255).float().view(3, 1, 1).to(self.device)
         self._offset_chw = table[:, 0].float().view(3, 1, 1).to(self.device)
 
@@ -78,6 +85,17 @@ class MllamaImageProcessorFast:
     def __call__(self, images: Any, return_tensors: str | None = "pt", max_image_tiles: int | None = None,
                  **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, return_tensors=return_tensors, max_image_tiles=max_image_tiles, **kwargs)
+
+    def _normalize_into_tiles(self, image: torch.Tensor, grid: tuple[int, int], out: torch.Tensor) -> None:
+        """Torch version of image_processing.normalize_into_tiles: one multiply-add per channel."""
+        rows, cols = grid
+        tile = out.shape[-1]
+        tiles = out[: rows * cols].view(rows, cols, 3, tile, tile)
+        for r in range(rows):  # copy (and cast) each tile's share of the image; the rest stays 0
+            for c in range(cols):
+                part = image[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+                tiles[r, c, :, : part.shape[1], : part.shape[2]].copy_(part)
+        tiles.mul_(self._gain).add_(self._offset_chw)  # level 0 padding becomes normalised black
 
     @torch.inference_mode()
     def preprocess(self, images: Any, return_tensors: str | None = "pt", max_image_tiles: int | None = None,
@@ -98,27 +116,25 @@ class MllamaImageProcessorFast:
             groups[(tuple(img.shape[1:]), new_size)].append(i)
         resized: list[torch.Tensor] = [None] * len(flat)  # type: ignore[list-item]
         for (_, (new_h, new_w)), members in groups.items():
-            batch = (flat[members[0]][None] if len(members) == 1
-                     else torch.stack([flat[i].permute(1, 2, 0) for i in members]).permute(0, 3, 1, 2))
-            for i, image in zip(members, resize_uint8(batch, new_h, new_w)):
-                resized[i] = image
+            # On CPU stacking buys nothing (the kernel loops over images) and costs a copy.
+            for chunk in ([[i] for i in members] if self.device.type == "cpu" else [members]):
+                batch = (flat[chunk[0]][None] if len(chunk) == 1
+                         else torch.stack([flat[i].permute(1, 2, 0) for i in chunk]).permute(0, 3, 1, 2))
+                for i, image in zip(chunk, resize_uint8(batch, new_h, new_w)):
+                    resized[i] = image
 
         shape = (len(nested), max(map(len, nested)), tiles_max, 3, tile, tile)
         # On CPU numpy's calloc-backed zeros cost nothing for the tiles no image fills.
         pixel_values = (torch.from_numpy(np.zeros(shape, dtype=np.float32)) if self.device.type == "cpu"
                         else torch.zeros(shape, dtype=torch.float32, device=self.device))
-        pad_value = self._offset_chw  # padding is level 0 (black), normalised
         i = 0
         for b, sample in enumerate(nested):
             for j in range(len(sample)):
-                (new_h, new_w), (rows, cols) = plans[i]
-                values = resized[i].float().mul_(self._gain).add_(self._offset_chw)  # (3, new_h, new_w)
-                tiles = pixel_values[b, j, : rows * cols].view(rows, cols, 3, tile, tile)
-                tiles[:] = pad_value
-                for r in range(rows):  # copy each tile's share of the image; the rest stays padding
-                    for c in range(cols):
-                        part = values[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
-                        tiles[r, c, :, : part.shape[1], : part.shape[2]] = part
+                grid = plans[i][1]
+                if self.device.type == "cpu":  # numpy's single-threaded table lookup: exact, no thread wake-ups
+                    normalize_into_tiles(resized[i].numpy(), grid, self._table, pixel_values[b, j].numpy())
+                else:
+                    self._normalize_into_tiles(resized[i], grid, pixel_values[b, j])
                 i += 1
         grids = [[plans[k][1] for k in range(start, start + len(sample))]
                  for start, sample in zip(np.cumsum([0] + [len(s) for s in nested[:-1]]), nested)]

@@ -14,7 +14,7 @@ from PIL import Image
 from model.image_io import ImageLoadError, load_image
 from model.image_processing import (ImageProcessorSettings, MllamaImageProcessor, get_all_supported_aspect_ratios,
                                     get_optimal_tiled_canvas)
-from model.image_processing_fast import MllamaImageProcessorFast
+from model.image_processing_fast import MllamaImageProcessorFast, resize_via_float
 
 STD_MIN = min(0.26862954, 0.26130258, 0.27577711)
 # The resize is separable (a horizontal and a vertical pass) and both PIL and torch round each pass
@@ -315,3 +315,14 @@ def test_data_uri_and_bytes_are_accepted(tmp_path):
     data = saved(pil(8, 6), tmp_path / "a.png").read_bytes()
     assert load_image(data).size == (8, 6)
     assert load_image("data:image/png;base64," + base64.b64encode(data).decode()).size == (8, 6)
+
+
+@pytest.mark.parametrize("size, new_size", [((100, 100), (560, 560)), ((4000, 1), (2240, 1)), ((1, 4000), (1, 2240)),
+                                            ((853, 1280), (746, 1120)), ((50, 100), (280, 560))])
+def test_float_resize_used_off_cpu_matches_pil_within_one_level(size, new_size):
+    """The GPU path (float32 resize, rounded) checked here on CPU, including the single-column case."""
+    height, width = size
+    array = noise(width, height)
+    expected = np.asarray(Image.fromarray(array).resize(new_size[::-1], Image.Resampling.BILINEAR)).astype(int)
+    got = resize_via_float(torch.from_numpy(array).permute(2, 0, 1)[None], *new_size)[0].permute(1, 2, 0).numpy()
+    assert np.abs(got.astype(int) - expected).max() <= 1, f"{size} -> {new_size}: more than one level from PIL"
