@@ -1,0 +1,97 @@
+"""generate(): ours against transformers on identical random weights and inputs, in one run.
+
+Prints time to first token, decode tokens/s and peak memory, with ratios. Batch 1, one 4-tile
+image (or text only with --text-only), greedy, a fixed number of new tokens.
+On a GPU the models run in bfloat16 and peak memory is torch.cuda.max_memory_allocated; on the
+CPU in float32 and peak memory is the largest rise of the process's resident memory during the
+call (sampled every 2 ms).
+
+Usage: python benchmarks/bench_generate.py [--preset medium|11b] [--new 64] [--prompt 64] [--text-only]
+"""
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import psutil
+import torch
+
+from setups import best_of, build_pair, machine, make_inputs, sync, table
+
+
+class PeakMemory:
+    """Peak extra memory (bytes) while the block runs."""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.process, self.done = psutil.Process(), threading.Event()
+            self.base = self.peak = self.process.memory_info().rss
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.done.set()
+            self.thread.join()
+            self.extra = self.peak - self.base
+
+
+def run(model, inputs, new: int) -> None:
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + new
+
+
+def measure(model, inputs, new: int, repeats: int) -> dict:
+    run(model, inputs, 2)  # warm-up
+    ttft = best_of(lambda: run(model, inputs, 1), repeats)
+    total = best_of(lambda: run(model, inputs, new), max(1, repeats // 2))
+    with PeakMemory() as memory:
+        run(model, inputs, new)
+    return {"ttft": ttft, "decode_tok_s": (new - 1) / (total - ttft), "peak": memory.extra}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--text-only", action="store_true")
+    args = parser.parse_args()
+    hf, ours = build_pair(args.preset)
+    inputs = make_inputs(ours.config, prompt_len=args.prompt, image=not args.text_only)
+    with torch.inference_mode():  # same greedy tokens, or the comparison is meaningless
+        a = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        b = ours.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    print(f"greedy tokens equal: {torch.equal(a, b)}")
+    theirs, mine = measure(hf, inputs, args.new, args.repeats), measure(ours, inputs, args.new, args.repeats)
+    what = "text only" if args.text_only else "one 4-tile image"
+    print(f"generate, preset {args.preset}, batch 1, {what}, prompt {args.prompt}, {args.new} new tokens; {machine()}")
+    mb = 1024 ** 2
+    print(table([
+        ["implementation", "time to first token (ms)", "decode tokens/s", "peak extra memory (MiB)"],
+        ["transformers", f"{1000 * theirs['ttft']:.1f}", f"{theirs['decode_tok_s']:.1f}", f"{theirs['peak'] / mb:.0f}"],
+        ["ours", f"{1000 * mine['ttft']:.1f}", f"{mine['decode_tok_s']:.1f}", f"{mine['peak'] / mb:.0f}"],
+        ["ours / transformers", f"{theirs['ttft'] / mine['ttft']:.2f}x faster",
+         f"{mine['decode_tok_s'] / theirs['decode_tok_s']:.2f}x", f"{mine['peak'] / max(theirs['peak'], 1):.2f}x"],
+    ]))
+
+
+if __name__ == "__main__":
+    main()
