@@ -221,6 +221,12 @@ class ImageProcessorSettings:
         raise FileNotFoundError(f"No preprocessor_config.json (or processor_config.json with an 'image_processor' "
                                 f"entry) in {folder}. Pass the folder of a Mllama checkpoint.")
 
+    def replace(self, **overrides: Any) -> ImageProcessorSettings:
+        """A validated copy with some fields (named as in preprocessor_config.json) changed."""
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return self.from_dict({**current, "size": {"height": self.tile_size, "width": self.tile_size}, **overrides},
+                              "the arguments")
+
     def table(self) -> np.ndarray:
         return normalization_table(self.rescale_factor, self.image_mean, self.image_std, self.do_rescale,
                                    self.do_normalize)
@@ -233,9 +239,7 @@ class MllamaImageProcessor:
     model_input_names = ["pixel_values", "num_tiles", "aspect_ratio_ids", "aspect_ratio_mask"]
 
     def __init__(self, settings: ImageProcessorSettings | None = None, **overrides: Any) -> None:
-        base = settings or ImageProcessorSettings()
-        self.settings = ImageProcessorSettings.from_dict({**base.__dict__, "size": {"height": base.tile_size,
-                                                          "width": base.tile_size}, **overrides}) if overrides else base
+        self.settings = (settings or ImageProcessorSettings()).replace(**overrides)
         self._table = self.settings.table()
 
     @classmethod

@@ -61,11 +61,7 @@ class MllamaImageProcessorFast:
 
     def __init__(self, settings: ImageProcessorSettings | None = None, device: str | torch.device = "cpu",
                  **overrides: Any) -> None:
-        base = settings or ImageProcessorSettings()
-        if overrides:
-            base = ImageProcessorSettings.from_dict(
-                {**base.__dict__, "size": {"height": base.tile_size, "width": base.tile_size}, **overrides})
-        self.settings = base
+        self.settings = base = (settings or ImageProcessorSettings()).replace(**overrides)
         self.device = torch.device(device)
         self._table = base.table()
         # Off CPU, level v -> v * gain + offset: the table up to float32 rounding (~1e-6).

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -13,6 +16,7 @@ from PIL import Image
 
 from model.image_io import ImageLoadError, load_image
 from model.image_processing import (ImageProcessorSettings, MllamaImageProcessor, get_all_supported_aspect_ratios,
+                                    normalize_into_tiles,
                                     get_optimal_tiled_canvas)
 from model.image_processing_fast import MllamaImageProcessorFast, resize_via_float
 
@@ -326,3 +330,44 @@ def test_float_resize_used_off_cpu_matches_pil_within_one_level(size, new_size):
     expected = np.asarray(Image.fromarray(array).resize(new_size[::-1], Image.Resampling.BILINEAR)).astype(int)
     got = resize_via_float(torch.from_numpy(array).permute(2, 0, 1)[None], *new_size)[0].permute(1, 2, 0).numpy()
     assert np.abs(got.astype(int) - expected).max() <= 1, f"{size} -> {new_size}: more than one level from PIL"
+
+
+def test_torch_normalisation_used_off_cpu_equals_the_table(fast):
+    """The GPU normalisation (multiply-add on tiles) checked here on CPU against the numpy table."""
+    image = torch.from_numpy(np.moveaxis(noise(900, 500), -1, 0).copy())  # a (1, 2) grid, partial second tile
+    expected = np.zeros((4, 3, 560, 560), np.float32)
+    normalize_into_tiles(image.numpy(), (1, 2), fast.settings.table(), expected)
+    got = torch.zeros((4, 3, 560, 560))
+    fast._normalize_into_tiles(image, (1, 2), got)
+    assert torch.allclose(got, torch.from_numpy(expected), atol=1e-6), "torch and table normalisation differ"
+
+
+def test_overrides_are_validated_like_config_fields():
+    with pytest.raises(ValueError, match="must be a square"):
+        MllamaImageProcessor(size={"height": 560, "width": 100})
+    assert MllamaImageProcessorFast(max_image_tiles=2).max_image_tiles == 2
+
+
+@pytest.fixture
+def local_http_folder(tmp_path):
+    """Serve tmp_path over http://127.0.0.1 (the only network the tests may use)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *args: None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_urls_are_downloaded_and_decoded(local_http_folder):
+    folder, url = local_http_folder
+    saved(pil(30, 20), folder / "a.png")
+    assert load_image(f"{url}/a.png").size == (30, 20)
+
+
+def test_unreachable_url_says_to_check_the_address(local_http_folder):
+    _, url = local_http_folder
+    with pytest.raises(ImageLoadError, match="Could not download.*Check the address"):
+        load_image(f"{url}/missing.png")
