@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from model.engine import EngineError, GenerationSettings, ReplyStats
-from model.image_io import ImageLoadError
+from model.image_io import ImageLoadError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,17 @@ def drain(pieces: Iterator[str | ReplyStats]) -> ReplyStats | None:
     except EngineError as error:
         log.info("engine error after cancel: %s", error)
     return None
+
+
+def read_picture(path: str) -> Any:
+    """`load_image`, with every failure as an ImageLoadError that says what to do."""
+    try:
+        return load_image(path)
+    except ImageLoadError as error:  # name the file as the user knows it, not by its upload path
+        raise ImageLoadError(str(error).replace(str(path), Path(path).name)) from None
+    except Exception as error:  # noqa: BLE001 - a damaged file can fail deep inside PIL
+        raise ImageLoadError(f"The picture could not be read ({type(error).__name__}: {error}); the file is "
+                             "probably damaged or not an image. Try another PNG, JPEG or WebP file.") from None
 
 
 def failure_message(error: Exception) -> str:

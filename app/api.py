@@ -12,29 +12,30 @@ from typing import Any
 import gradio as gr
 
 from model.engine import EngineError
-from model.image_io import ImageLoadError, load_image
+from model.image_io import ImageLoadError
 
-from .answering import settings_from
+from .answering import read_picture, settings_from
 from .conversation import DEFAULT_QUESTION
 
 
-def add_ask_endpoint(engine: Any, max_new_tokens: int, concurrency_limit: int) -> None:
+def add_ask_endpoint(engine: Any, limit: int, concurrency_limit: int) -> None:
     """Register `/ask` on the Blocks being built. Its components are invisible: it has no place on the page."""
     defaults = engine.info.defaults
 
-    def ask(image: str | None, question: str, max_new_tokens_: float | None, temperature: float | None,
-            top_p: float | None, seed: float | None) -> Iterator[str]:
+    # The parameter names are the API's; a default of None makes a parameter optional for clients.
+    def ask(image: str | None = None, question: str = "", max_new_tokens: float | None = None,
+            temperature: float | None = None, top_p: float | None = None, seed: float | None = None) -> Iterator[str]:
         if not (question or "").strip() and image is None:
             raise gr.Error("Send a question, a picture, or both.")
         try:
             settings = settings_from(
-                defaults.max_new_tokens if max_new_tokens_ is None else max_new_tokens_,
+                defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
                 defaults.temperature if temperature is None else temperature,
                 defaults.top_p if top_p is None else top_p,
-                defaults.top_k, defaults.repetition_penalty, seed, limit=max_new_tokens)
+                defaults.top_k, defaults.repetition_penalty, seed, limit=limit)
             content: list[dict] = [{"type": "text", "text": (question or "").strip() or DEFAULT_QUESTION}]
             if image is not None:
-                content.insert(0, {"type": "image", "image": load_image(image)})
+                content.insert(0, {"type": "image", "image": read_picture(image)})
         except (ImageLoadError, ValueError) as error:
             raise gr.Error(str(error)) from None
         cancel = threading.Event()
@@ -57,8 +58,8 @@ def add_ask_endpoint(engine: Any, max_new_tokens: int, concurrency_limit: int) -
         inputs = [
             gr.File(label="image", file_types=["image"], type="filepath"),
             gr.Textbox(label="question"),
-            gr.Number(label="max_new_tokens", value=min(defaults.max_new_tokens, max_new_tokens), precision=0,
-                      minimum=1, maximum=max_new_tokens),
+            gr.Number(label="max_new_tokens", value=min(defaults.max_new_tokens, limit), precision=0,
+                      minimum=1, maximum=limit),
             gr.Number(label="temperature", value=defaults.temperature, minimum=0,
                       info="0 means greedy: always the most likely next token"),
             gr.Number(label="top_p", value=defaults.top_p, minimum=0, maximum=1),

@@ -9,8 +9,10 @@ from typing import Any
 
 from .conversation import Conversation, Turn, figures
 
-OUT_OF_VIEW = '<span class="oov-badge" title="The model no longer sees this: a newer picture started a new thread">out of view</span>'
-NEW_THREAD = '<span class="thread-badge" title="The model sees this picture and the messages after it">new picture · new thread</span>'
+OUT_OF_VIEW = ('<span class="oov-badge" title="The model no longer sees this: a newer picture started a new thread">'
+               'out of view</span>')
+NEW_THREAD = ('<span class="thread-badge" title="The model sees this picture and the messages after it">'
+              'new picture · new thread</span>')
 
 POLICY = ("Llama 3.2 Vision looks at **one picture at a time**. A message with a new picture starts a new "
           "thread: the model then sees only that picture and the messages after it. Earlier messages stay "

@@ -13,9 +13,9 @@ from typing import Any
 import gradio as gr
 
 from model.engine import ReplyStats
-from model.image_io import ImageLoadError, load_image
+from model.image_io import ImageLoadError
 
-from .answering import RunningAnswers, drain, failure_message, settings_from
+from .answering import RunningAnswers, drain, failure_message, read_picture, settings_from
 from .conversation import (STOPPED_BEFORE_START, Conversation, ConversationError, ask, engine_messages, finish,
                            interrupted, record_piece, retry, undo)
 from .display import chat_messages, picture_card
@@ -48,7 +48,7 @@ class ChatHandlers:
         picture = conversation.picture
         if picture is None:
             return None, picture_card(None, self.engine.info.tile_size)
-        info = self.engine.describe_image(load_image(picture))
+        info = self.engine.describe_image(read_picture(picture))
         return picture, picture_card(info, self.engine.info.tile_size)
 
     # -- events --------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class ChatHandlers:
         try:
             settings = settings_from(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                                      limit=self.max_new_tokens)
-            messages = engine_messages(conversation, system_prompt or "", load_image)
+            messages = engine_messages(conversation, system_prompt or "", read_picture)
             pieces = self.engine.chat(messages, settings, cancel=cancel,
                                       session_id=f"{session}/{conversation.thread_key}")
             for item in pieces:

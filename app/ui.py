@@ -50,7 +50,8 @@ def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
                                 "on the message box, or start from an example below.")
                 textbox = gr.MultimodalTextbox(
                     show_label=False, elem_id="message", file_types=["image"], file_count="single",
-                    sources=["upload"], placeholder="Ask a question. Add a picture with the clip, or paste or drop one here.",
+                    sources=["upload"],
+                    placeholder="Ask a question. Add a picture with the clip, or paste or drop one here.",
                     max_plain_text_length=20000, autofocus=True, submit_btn=True, stop_btn=False)
                 with gr.Row(elem_id="actions"):
                     retry_button = gr.Button("↻ Retry", size="sm", elem_id="retry", min_width=80)
@@ -69,19 +70,23 @@ def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
                 with gr.Accordion("One picture at a time", open=True, elem_id="policy"):
                     gr.Markdown(POLICY)
                 with gr.Accordion("Generation settings", open=False, elem_id="settings"):
-                    system_prompt = gr.Textbox(label="System prompt", lines=2,
+                    system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt",
                                                placeholder="Optional, e.g. “Answer in one short sentence.”")
                     temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature",
-                                            info="0 = greedy: always the most likely next token")
-                    top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
-                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k", info="0 = off")
+                                            info="0 = greedy: always the most likely next token",
+                                            elem_id="temperature")
+                    top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p", elem_id="top-p")
+                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k", info="0 = off",
+                                      elem_id="top-k")
                     max_new_tokens = gr.Slider(1, config.max_new_tokens, step=1, label="Max new tokens",
-                                               value=min(defaults.max_new_tokens, config.max_new_tokens))
+                                               value=min(defaults.max_new_tokens, config.max_new_tokens),
+                                               elem_id="max-new-tokens")
                     repetition_penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05,
-                                                   label="Repetition penalty", info="1 = off")
-                    seed = gr.Number(label="Seed", value=defaults.seed, precision=0,
+                                                   label="Repetition penalty", info="1 = off",
+                                                   elem_id="repetition-penalty")
+                    seed = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="seed",
                                      info="empty = a new random seed for every answer")
-                    reset_button = gr.Button("Reset to the model's defaults", size="sm")
+                    reset_button = gr.Button("Reset to the model's defaults", size="sm", elem_id="reset-settings")
 
         add_ask_endpoint(engine, config.max_new_tokens, config.max_batch)
 

@@ -83,3 +83,29 @@ def reference_processor(mllama_processor_dir, reference_image_processor):
     template = json.loads(OFFICIAL_CHAT_TEMPLATE_FILE.read_text())["chat_template"]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(mllama_processor_dir))
     return ReferenceProcessor(image_processor=reference_image_processor, tokenizer=tokenizer, chat_template=template)
+
+
+# --- app fixtures (issue 6: the Gradio app) ----------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_app():
+    """The chat app on the real engine and assets/tiny-mllama, served on a free local port.
+
+    Yields a namespace with `url` and `engine`; shared by the gradio_client and browser tests.
+    """
+    from types import SimpleNamespace
+
+    from app.config import TINY_MODEL, AppConfig
+    from app.server import launch, load_engine
+    from app.ui import build_demo
+
+    if not (TINY_MODEL / "config.json").is_file():
+        pytest.fail(f"{TINY_MODEL} is missing: the app tests need the trained tiny checkpoint "
+                    "(scripts/train_tiny.py writes it)")
+    config = AppConfig(model=str(TINY_MODEL), max_new_tokens=2048, max_batch=4, queue_size=16)
+    engine = load_engine(config)
+    assert engine is not None, f"the engine could not load {TINY_MODEL}"
+    demo = build_demo(engine, config)
+    _, url, _ = launch(demo, config, server_port=None, prevent_thread_lock=True, quiet=True)
+    yield SimpleNamespace(url=url.rstrip("/") + "/", engine=engine, config=config)
+    demo.close()
+    engine.close()

@@ -1,0 +1,288 @@
+"""The page in a real browser (Debian's Chromium, headless) against the launched app on the real
+engine and assets/tiny-mllama: asking about a picture, streaming, Stop, Retry, Undo, Clear,
+text-only chat, a bad file, the picture policy, a phone-sized screen and closing the tab.
+
+Screenshots of the main states go to tests/artifacts/ (git-ignored) for a person to look at.
+"""
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from app.config import EXAMPLES_DIR
+from app.examples import load_examples
+from scripts.synthetic import draw_picture
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+ANSWER_TIMEOUT_MS = 30_000
+# A question the tiny model was never trained on, sampled hot with a fixed seed and a large budget:
+# it rambles for many seconds instead of stopping after a word or two (used for Stop and tab-close).
+LONG_ANSWER = {"question": "Write a long story about the sea.", "temperature": "2", "max_new_tokens": "2048",
+               "seed": "1"}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser, tiny_app):
+    """Factory: a fresh tab (its own browser session) on the app, at `viewport` size."""
+    contexts = []
+
+    def open_(viewport: dict = DESKTOP) -> Page:
+        context = browser.new_context(viewport=viewport)
+        contexts.append(context)
+        page = context.new_page()
+        page.goto(tiny_app.url)
+        page.wait_for_selector("#message textarea")
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("pictures")
+    made = {}
+    for color, shape, count, size in [("red", "circle", 1, (301, 227)), ("blue", "square", 2, (455, 301)),
+                                      ("green", "triangle", 1, (227, 301))]:
+        path = folder / f"{color}_{shape}.png"
+        draw_picture(random.Random(3), color, shape, count, size).save(path)
+        made[color] = str(path)
+    broken = folder / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n and then no picture at all")
+    made["broken"] = str(broken)
+    return made
+
+
+# ---- how a person uses the page ------------------------------------------------------------------
+def attach(page: Page, path: str) -> None:
+    page.locator("#message input[type=file]").set_input_files(path)
+    expect(page.locator("#message .thumbnail-item")).to_have_count(1)
+
+
+def send(page: Page, text: str) -> None:
+    page.locator("#message textarea").fill(text)
+    page.locator("#message .submit-button").click()
+
+
+def answers(page: Page):
+    """The answers' text bubbles (the figures line under each is a separate, titled message)."""
+    return page.locator("#chat .bot-row .message:not(:has(.thought-group)) [data-testid=bot]")
+
+
+def figures(page: Page):
+    return page.locator("#chat .bot-row .thought-group")
+
+
+def wait_until_answered(page: Page, count: int = 1) -> None:
+    """Wait for `count` finished answers: each gets its figures line when it ends."""
+    expect(figures(page)).to_have_count(count, timeout=ANSWER_TIMEOUT_MS)
+    expect(page.locator("#message .submit-button")).to_be_visible()
+
+
+def set_settings(page: Page, **values: str) -> None:
+    page.locator("#settings").get_by_text("Generation settings").click()
+    for name, value in values.items():
+        field = page.locator(f"#{name.replace('_', '-')} input[type=number]")
+        field.fill(value)
+        field.press("Enter")
+
+
+def record_answer_texts(page: Page) -> None:
+    """Start recording every text the last answer bubble shows, to see it stream."""
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(() => {
+            const bubbles = document.querySelectorAll('#chat .bot-row [data-testid=bot] .message-content');
+            const text = bubbles.length ? bubbles[bubbles.length - 1].innerText : '';
+            if (text && text !== window.seen[window.seen.length - 1]) window.seen.push(text);
+        }).observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+# ---- the tests -----------------------------------------------------------------------------------
+def test_asking_about_a_picture_streams_an_answer_with_its_colour(open_page, pictures):
+    page = open_page()
+    screenshot(page, "01-empty")
+    attach(page, pictures["red"])
+    record_answer_texts(page)
+    send(page, "Describe the image.")
+    wait_until_answered(page)
+    answer = answers(page).last.inner_text()
+    assert "red" in answer.lower(), f"the answer should name the picture's colour, got {answer!r}"
+    seen = page.evaluate("window.seen")
+    assert len(seen) >= 2 and all(b.startswith(a) for a, b in zip(seen, seen[1:])), \
+        f"the answer should appear piece by piece, the page showed {seen!r}"
+    expect(figures(page).last).to_contain_text("tokens/s")
+    expect(page.locator("#picture-caption")).to_contain_text("301 × 227 px")
+    screenshot(page, "02-answered")
+
+
+def test_an_example_fills_the_message_box_and_is_answered(open_page):
+    examples = load_examples(EXAMPLES_DIR)
+    assert examples, f"{EXAMPLES_DIR} should hold example pictures"
+    page = open_page()
+    page.locator(".gallery-item, [data-testid=examples] button").first.click()
+    expect(page.locator("#message textarea")).to_have_value(examples[0]["text"])
+    expect(page.locator("#message .thumbnail-item")).to_have_count(1)
+    page.locator("#message .submit-button").click()
+    wait_until_answered(page)
+    assert answers(page).last.inner_text().strip(), "the example question should get an answer"
+
+
+def test_stop_ends_a_long_answer_and_keeps_what_was_written(open_page, pictures):
+    page = open_page()
+    set_settings(page, temperature=LONG_ANSWER["temperature"], max_new_tokens=LONG_ANSWER["max_new_tokens"],
+                 seed=LONG_ANSWER["seed"])
+    send(page, LONG_ANSWER["question"])
+    expect(answers(page)).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
+    page.wait_for_timeout(500)
+    screenshot(page, "03-streaming")
+    page.locator("#message .stop-button").click()
+    wait_until_answered(page)
+    expect(figures(page).last).to_contain_text("stopped")
+    kept = answers(page).last.inner_text()
+    page.wait_for_timeout(1000)
+    assert answers(page).last.inner_text() == kept, "nothing may be added to an answer after Stop"
+    screenshot(page, "04-stopped")
+
+
+def test_retry_answers_the_last_question_again(open_page, pictures):
+    page = open_page()
+    attach(page, pictures["blue"])
+    send(page, "What color are the shapes?")
+    wait_until_answered(page)
+    page.evaluate("""() => {
+        window.counts = [];
+        new MutationObserver(() => window.counts.push(document.querySelectorAll('#chat .thought-group').length))
+            .observe(document.querySelector('#chat'), {subtree: true, childList: true});
+    }""")
+    page.locator("#retry").click()
+    page.wait_for_function("window.counts.includes(0) && window.counts[window.counts.length - 1] === 1",
+                           timeout=ANSWER_TIMEOUT_MS)
+    expect(page.locator("#chat [data-testid=user]").filter(has_text="What color are the shapes?")).to_have_count(1)
+    assert "blue" in answers(page).last.inner_text().lower()
+
+
+def test_undo_removes_the_last_turn_and_puts_it_back_in_the_message_box(open_page, pictures):
+    page = open_page()
+    attach(page, pictures["green"])
+    send(page, "What shape is this?")
+    wait_until_answered(page)
+    page.locator("#undo").click()
+    expect(page.locator("#chat [data-testid=user]")).to_have_count(0)
+    expect(page.locator("#message textarea")).to_have_value("What shape is this?")
+    expect(page.locator("#message .thumbnail-item")).to_have_count(1)
+    expect(page.locator("#picture-caption")).to_contain_text("No picture yet")
+
+
+def test_clear_starts_a_new_conversation(open_page, pictures):
+    page = open_page()
+    attach(page, pictures["red"])
+    send(page, "What color is the shape?")
+    wait_until_answered(page)
+    page.locator("#clear").click()
+    expect(page.locator("#chat [data-testid=user]")).to_have_count(0)
+    expect(page.locator("#picture-caption")).to_contain_text("No picture yet")
+    expect(page.locator("#active-picture img")).to_have_count(0)
+
+
+def test_a_question_without_picture_is_answered(open_page):
+    page = open_page()
+    send(page, "Hello, how are you?")
+    wait_until_answered(page)
+    expect(page.locator("#chat [data-testid=user]")).to_have_count(1)
+    expect(page.locator("#picture-caption")).to_contain_text("No picture yet")
+
+
+def test_a_bad_file_shows_an_error_and_the_history_stays(open_page, pictures):
+    page = open_page()
+    attach(page, pictures["red"])
+    send(page, "What color is the shape?")
+    wait_until_answered(page)
+    attach(page, pictures["broken"])
+    send(page, "And this one?")
+    toast = page.locator("[data-testid=toast-body].error")
+    expect(toast).to_contain_text(re.compile("broken.png (is not an image|could not be decoded)"))
+    assert "/tmp/" not in toast.inner_text(), "the error should name the file, not its upload path"
+    expect(page.locator("#chat [data-testid=user]").filter(has_text="What color is the shape?")).to_have_count(1)
+    expect(answers(page)).to_have_count(1)
+    expect(page.locator("#message textarea")).to_have_value("And this one?")
+    screenshot(page, "05-bad-file")
+
+
+def test_a_new_picture_starts_a_new_thread_and_marks_older_turns_out_of_view(open_page, pictures):
+    page = open_page()
+    attach(page, pictures["red"])
+    send(page, "What color is the shape?")
+    wait_until_answered(page)
+    attach(page, pictures["blue"])
+    send(page, "What color are the shapes?")
+    wait_until_answered(page, 2)
+    expect(page.locator("#chat .oov-badge")).to_have_count(2)  # the old question and its answer
+    expect(page.locator("#chat .thread-badge")).to_have_count(1)
+    expect(page.locator("#picture-caption")).to_contain_text("455 × 301 px")
+    assert "blue" in answers(page).last.inner_text().lower()
+    screenshot(page, "06-two-threads")
+
+
+def test_on_a_phone_every_control_is_reachable(open_page, pictures):
+    page = open_page(PHONE)
+    controls = ["#message textarea", "#message .upload-button", "#message .submit-button", "#retry", "#undo",
+                "#clear", "#active-picture", "#settings", "#policy"]
+    for selector in controls:
+        control = page.locator(selector).first
+        control.scroll_into_view_if_needed()
+        expect(control).to_be_visible()
+        box = control.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"] + 1, \
+            f"{selector} is not fully on a {PHONE['width']} px wide screen: {box}"
+    page.evaluate("window.scrollTo(0, 0)")
+    screenshot(page, "07-phone-empty")
+    attach(page, pictures["red"])
+    send(page, "What color is the shape?")
+    wait_until_answered(page)
+    page.locator("#settings").get_by_text("Generation settings").click()
+    expect(page.locator("#max-new-tokens input[type=number]")).to_be_visible()
+    page.evaluate("window.scrollTo(0, 0)")
+    screenshot(page, "08-phone-answered")
+
+
+def test_closing_the_tab_stops_the_computation(open_page, tiny_app):
+    page = open_page()
+    set_settings(page, temperature=LONG_ANSWER["temperature"], max_new_tokens=LONG_ANSWER["max_new_tokens"],
+                 seed=LONG_ANSWER["seed"])
+    send(page, LONG_ANSWER["question"])
+    expect(answers(page)).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
+    assert busy_slots(tiny_app.engine) == 1, "the answer should be generating while the tab is open"
+    page.close()
+    deadline = time.monotonic() + 10
+    while busy_slots(tiny_app.engine) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert busy_slots(tiny_app.engine) == 0, "the engine kept generating for a closed tab"
+
+
+def busy_slots(engine) -> int:
+    return sum(slot is not None for slot in engine.scheduler.slots)

@@ -1,0 +1,89 @@
+"""The app's API for programs, driven with gradio_client against the launched app (real engine,
+assets/tiny-mllama): `/ask` answers about the picture it is given, streams, and serves two
+clients at once with their own pictures."""
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from scripts.synthetic import draw_picture
+
+
+def picture(folder: Path, color: str, shape: str = "circle", count: int = 1, size=(301, 227), seed: int = 7) -> str:
+    """A fresh synthetic picture (odd sides: a canvas size the tiny model was not trained on)."""
+    path = folder / f"{color}_{shape}_{count}.png"
+    draw_picture(random.Random(seed), color, shape, count, size).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def client(tiny_app):
+    client = Client(tiny_app.url, verbose=False)
+    yield client
+    client.close()
+
+
+def ask(client: Client, image: str | None, question: str, **settings):
+    arguments = {"max_new_tokens": 24, "temperature": 0, "top_p": 1.0, "seed": None, **settings}
+    return client.submit(handle_file(image) if image else None, question, arguments["max_new_tokens"],
+                         arguments["temperature"], arguments["top_p"], arguments["seed"], api_name="/ask")
+
+
+def test_ask_with_a_red_circle_and_greedy_decoding_answers_red(client, tmp_path):
+    answer = ask(client, picture(tmp_path, "red"), "What color is the shape?").result()
+    assert "red" in answer.lower(), f"expected the colour of the picture, got {answer!r}"
+
+
+def test_ask_streams_the_answer_in_several_growing_pieces(client, tmp_path):
+    job = ask(client, picture(tmp_path, "green", "square", 2), "Describe the image.")
+    pieces = list(job)
+    assert len(pieces) >= 3, f"expected a stream of pieces, got {pieces!r}"
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(pieces, pieces[1:])), \
+        f"each piece should extend the previous one: {pieces!r}"
+    assert "green" in pieces[-1].lower() and "square" in pieces[-1].lower(), f"wrong description {pieces[-1]!r}"
+
+
+def test_two_clients_asking_at_the_same_time_each_get_the_answer_about_their_own_picture(tiny_app, tmp_path):
+    pictures = {"blue": picture(tmp_path, "blue", "square"), "yellow": picture(tmp_path, "yellow", "triangle")}
+
+    def ask_alone(color: str) -> str:
+        own = Client(tiny_app.url, verbose=False)
+        try:
+            return ask(own, pictures[color], "What color is the shape?").result()
+        finally:
+            own.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = dict(zip(pictures, pool.map(ask_alone, pictures)))
+    for color, answer in answers.items():
+        assert color in answer.lower(), f"the client with the {color} picture got {answer!r}"
+
+
+def test_a_question_without_picture_is_answered_too(client):
+    answer = ask(client, None, "Hello! How are you?").result()
+    assert isinstance(answer, str) and answer.strip(), "a text-only question should get some text back"
+
+
+def test_a_file_that_is_not_a_picture_gets_an_error_that_says_so(client, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of a real picture")
+    with pytest.raises(AppError, match="not an image|could not be decoded"):
+        ask(client, str(broken), "What color is the shape?").result()
+
+
+def test_an_empty_request_is_refused_with_what_to_send(client):
+    with pytest.raises(AppError, match="Send a question, a picture, or both"):
+        ask(client, None, "   ").result()
+
+
+def test_ask_is_the_only_public_endpoint(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)
+    assert list(endpoints["named_endpoints"]) == ["/ask"], "internal events of the page must not be public API"
+    assert endpoints["unnamed_endpoints"] == {}
+    parameters = [p["parameter_name"] for p in endpoints["named_endpoints"]["/ask"]["parameters"]]
+    assert parameters == ["image", "question", "max_new_tokens", "temperature", "top_p", "seed"]
