@@ -12,6 +12,8 @@ class BatchFeature(UserDict):
     """A dict of tensors/arrays that also reads by attribute, moves with `.to(device)` and unpacks with `**`."""
 
     def __getattr__(self, name: str) -> Any:
+        if name == "data" or name.startswith("__"):  # copy/pickle probe these before `data` exists
+            raise AttributeError(name)
         try:
             return self.data[name]
         except KeyError:

@@ -89,10 +89,8 @@ def validate_messages(messages: Any) -> None:
             raise ChatTemplateError(f"Message {i} has the unknown role {message['role']!r}. Use one of "
                                     f"{', '.join(KNOWN_ROLES)}.")
         content = message.get("content")
-        if content is None and "tool_calls" in message:
-            continue
-        if isinstance(content, str):
-            continue
+        if isinstance(content, str) or message["role"] in ("tool", "ipython") or "tool_calls" in message:
+            continue  # tool results and calls have their own formats in the template
         if not isinstance(content, (list, tuple)):
             raise ChatTemplateError(f"Message {i} content must be a string or a list of parts like "
                                     "{'type': 'text', 'text': ...} / {'type': 'image', ...}; got "

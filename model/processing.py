@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .batch_feature import BatchFeature, convert_tensors
-from .chat_template import ChatTemplateError, load_chat_template, render_chat_template, validate_messages
+from .chat_template import ChatTemplateError, load_chat_template, render_chat_template
 from .image_io import load_image
 from .image_processing import MllamaImageProcessor, make_nested_images
 from .image_processing_fast import MllamaImageProcessorFast
@@ -192,8 +192,6 @@ class MllamaProcessor:
                              "processor directly, or pass chat_template=...")
         batched = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = list(messages) if batched else [messages]
-        for conversation in conversations:
-            validate_messages(conversation)
         kwargs = {**self.tokenizer.special_tokens_map, **template_kwargs}
         prompts = [render_chat_template(template, conversation, add_generation_prompt, tools=tools, **kwargs)
                    for conversation in conversations]

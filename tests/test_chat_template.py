@@ -54,6 +54,11 @@ CONVERSATIONS = {
                                                             {"type": "image"}, {"type": "text", "text": " and "},
                                                             {"type": "image"}]}],
     "unicode_text": [{"role": "user", "content": "Qu'est-ce que c'est ? 猫 🐈"}],
+    "tool_call_and_result": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                                "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": {"temperature": 21}}],
 }
 
 

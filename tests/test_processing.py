@@ -242,3 +242,12 @@ def test_checkpoint_without_chat_template_explains_raw_prompts(mllama_processor_
     base = MllamaProcessor.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no chat template.*<\\|image\\|>If I had to write a haiku"):
         base.apply_chat_template(CONVERSATIONS["text_only"])
+
+
+def test_batch_feature_survives_copy_and_pickle(processor):
+    import copy
+    import pickle
+
+    out = processor(text="Hello")
+    for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        assert torch.equal(clone["input_ids"], out["input_ids"]) and torch.equal(clone.input_ids, out.input_ids)
