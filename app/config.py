@@ -26,7 +26,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 class AppConfig:
     model: str
     dtype: str = "auto"
-    device_map: str | None = None
+    device_map: str = "auto"     # GPUs when there are any, else the CPU
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
@@ -42,7 +42,8 @@ _FLAGS = {
     "model": ("MLLAMA_MODEL", "checkpoint folder or Hugging Face Hub id (default: "
                               f"{LLAMA_VISION} if it is in the local Hub cache, else the tiny demo model)"),
     "dtype": ("MLLAMA_DTYPE", f"weights dtype, one of {', '.join(DTYPES)}"),
-    "device_map": ("MLLAMA_DEVICE_MAP", "where to put the model: 'auto' (all GPUs), 'cuda', 'cpu', ..."),
+    "device_map": ("MLLAMA_DEVICE_MAP", "where to put the model: 'auto' (the GPUs if any, else the CPU; "
+                                        "the default), 'cuda', 'cuda:1', 'cpu', ..."),
     "host": ("GRADIO_SERVER_NAME", "address to listen on; 0.0.0.0 for every interface"),
     "port": ("GRADIO_SERVER_PORT", "port to listen on"),
     "share": ("GRADIO_SHARE", "also open a public *.gradio.live link (expires after a week)"),
@@ -74,7 +75,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return AppConfig(
         model=model,
         dtype=dtype,
-        device_map=raw["device_map"] or None,
+        device_map=raw["device_map"] or defaults.device_map,
         host=raw["host"] or defaults.host,
         port=_positive_int("port", raw["port"], defaults.port),
         share=_boolean("share", raw["share"]),

@@ -16,7 +16,7 @@ def load_engine(config: AppConfig) -> Any | None:
     """Load the model, showing progress in the terminal; on failure print what to do and return None."""
     from model.engine import ChatEngine
 
-    print(f"Loading {config.model} (dtype {config.dtype}, device map {config.device_map or 'default'}) ...",
+    print(f"Loading {config.model} (dtype {config.dtype}, device map {config.device_map}) ...",
           flush=True)
     start = time.perf_counter()
     try:
