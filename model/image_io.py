@@ -1,7 +1,7 @@
 """Safe image loading: file paths, URLs, data URIs, bytes, PIL images, numpy arrays, torch tensors.
 
 `load_image(source)` returns a decoded `PIL.Image.Image` in its own mode (the processors convert
-to RGB). Every failure raises `ImageLoadError` with what went wrong and what to do about it.
+to RGB; arrays and tensors come back as RGB, see image_processing.to_rgb_array). Every failure raises `ImageLoadError` with what went wrong and what to do about it.
 
 Decisions:
 - EXIF orientation IS applied to images loaded from files, URLs and bytes, like transformers'

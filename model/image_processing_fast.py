@@ -93,7 +93,7 @@ class MllamaImageProcessorFast:
                 tiles[r, c, :, : part.shape[1], : part.shape[2]].copy_(part)
         tiles.mul_(self._gain).add_(self._offset_chw)  # level 0 padding becomes normalised black
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors could not be used by a model being trained
     def preprocess(self, images: Any, return_tensors: str | None = "pt", max_image_tiles: int | None = None,
                    **kwargs: Any) -> BatchFeature:
         if kwargs:

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer
 
+from .batch_feature import convert_tensors
+
 _VERY_LARGE = int(1e30)  # transformers' "no limit" value of model_max_length
 
 
@@ -101,9 +103,16 @@ class MllamaTokenizer:
 
     def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True,
                  padding: bool | str = False, truncation: bool = False, max_length: int | None = None,
-                 padding_side: str | None = None) -> dict[str, list]:
-        """input_ids and attention_mask as lists (one per text; a single string gives flat lists).
-        padding: False, True/"longest", or "max_length" (needs max_length)."""
+                 padding_side: str | None = None, return_tensors: str | None = None) -> dict[str, Any]:
+        """input_ids and attention_mask (one row per text; a single string gives one flat row), as lists or,
+        with return_tensors="pt"/"np", a BatchFeature of (B, L) tensors. padding: False, True/"longest",
+        or "max_length" (needs max_length)."""
+        if return_tensors is not None:
+            batch = self([text] if isinstance(text, str) else text, add_special_tokens, padding, truncation,
+                         max_length, padding_side)
+            if len(set(map(len, batch["input_ids"]))) > 1:
+                raise ValueError("The texts tokenize to different lengths; pass padding=True to get one tensor.")
+            return convert_tensors(batch, return_tensors)
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if not all(isinstance(t, str) for t in texts):

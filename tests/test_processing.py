@@ -251,3 +251,12 @@ def test_batch_feature_survives_copy_and_pickle(processor):
     out = processor(text="Hello")
     for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
         assert torch.equal(clone["input_ids"], out["input_ids"]) and torch.equal(clone.input_ids, out.input_ids)
+
+
+def test_tokenizer_call_equals_transformers_tokenizer(processor, reference_processor):
+    texts = ["What color is the shape?", "Hi"]
+    ours = processor.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    ref = reference_processor.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    assert torch.equal(ours["input_ids"], ref["input_ids"]) and torch.equal(ours["attention_mask"],
+                                                                           ref["attention_mask"])
+    assert processor.tokenizer.encode("Hi there") == reference_processor.tokenizer.encode("Hi there")
