@@ -111,12 +111,62 @@ class MllamaCache:
     def self_attention_mask(self, attention_mask, q_len, dtype, device) -> torch.Tensor | None:
         return causal_mask(attention_mask, q_len, self.seen, dtype, device)
 
+    def set_cross_mask_row(self, row: torch.Tensor, num_vision_tokens: int, dtype: torch.dtype) -> None:
+        """Remember the last prompt row's (B, 1, N, T) mask: decode rows see what it saw."""
+        self.cross_mask_row = row
+
     def cross_masks(self, q_len: int, num_vision_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for new rows that see what the last prompt row saw."""
         return prepare_cross_attention_mask(self.cross_mask_row.expand(-1, q_len, -1, -1), num_vision_tokens, dtype)
 
     def advance(self, q_len: int) -> None:
         self.seen += q_len
+
+
+class StaticCache(MllamaCache):
+    """Fixed shapes for decoding: every step attends over all `capacity` positions (the unused
+    ones masked) and writes at a device-side index, so a decode step has the same shapes and
+    no host synchronisation from the first step to the last. That is what CUDA graphs and
+    torch.compile need.
+
+    `padding` (B, capacity) marks real tokens (0 for left padding). `write_index` (a 1-element
+    device tensor) is the next position to write; the text model advances it in place.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, padding: torch.Tensor) -> None:
+        super().__init__(num_layers, capacity)
+        self.padding = padding.bool()
+        self.write_index = torch.zeros(1, dtype=torch.long, device=padding.device)
+        self.key_positions = torch.arange(capacity, device=padding.device)
+
+    def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        if layer.keys is None:
+            layer.allocate(keys, self.capacity)
+        index = self.write_index + self.key_positions[: keys.shape[2]]
+        layer.keys.index_copy_(2, index, keys)
+        layer.values.index_copy_(2, index, values)
+        return layer.keys, layer.values
+
+    def self_attention_mask(self, attention_mask, q_len, dtype, device) -> torch.Tensor:
+        rows = self.write_index + self.key_positions[:q_len, None]  # (q, 1) positions of the new tokens
+        allowed = (self.key_positions[None, :] <= rows)[None, None] & self.padding[:, None, None, :]
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+    def set_cross_mask_row(self, row: torch.Tensor, num_vision_tokens: int, dtype: torch.dtype) -> None:
+        super().set_cross_mask_row(row, num_vision_tokens, dtype)
+        self._decode_cross_masks = super().cross_masks(1, num_vision_tokens, dtype)  # the same every step
+
+    def cross_masks(self, q_len: int, num_vision_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if q_len != 1:
+            return super().cross_masks(q_len, num_vision_tokens, dtype)
+        return self._decode_cross_masks
+
+    def advance(self, q_len: int) -> None:
+        if not torch.compiler.is_compiling():
+            super().advance(q_len)  # a host counter; compiled steps must not guard on a changing int
+        self.write_index += q_len
 
 
 class SlotCache:

@@ -7,12 +7,13 @@ the cached K/V and derive their cross-attention mask row from the last prompt ro
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Protocol
 
 import torch
 
-from .cache import MllamaCache
+from .cache import MllamaCache, StaticCache
 from .sampling import SamplingConfig, process_logits, select_next_tokens
 
 IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
@@ -50,12 +51,11 @@ def prefill(model, cache: MllamaCache, input_ids, attention_mask, position_ids, 
     return out.logits[:, -1]
 
 
-@torch.inference_mode()
-def decode_step(model, cache: MllamaCache, tokens, attention_mask, positions) -> torch.Tensor:
-    """One new token per sequence: tokens (B,), positions (B,) -> logits (B, V)."""
+def decode_step(model, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One new token per sequence: tokens (B,), positions (B,) -> logits (B, V). Same shapes
+    at every step (the cache is static), so it can be compiled or captured in a CUDA graph."""
     out = model(
         input_ids=tokens[:, None],
-        attention_mask=attention_mask,
         position_ids=positions[:, None],
         past_key_values=cache,
         use_cache=True,
@@ -99,11 +99,16 @@ class GenerationMixin:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         stop: threading.Event | None = None,
+        compile: bool | None = None,
         **image_inputs: torch.Tensor,
     ) -> torch.LongTensor:
         """Prompt + new tokens, (B, L + n), like transformers. Rows that finished early are
         filled with `pad_token_id`. Unset options come from the checkpoint's
         generation_config.json, then transformers' defaults (20 tokens in all, greedy).
+
+        `compile`: run decode steps through torch.compile (CUDA graphs on a GPU). None means
+        on when the model sits on one CUDA device, off on the CPU (compiling costs a minute
+        there); MLLAMA_COMPILE=1/0 in the environment overrides None.
 
         `stop`: a threading.Event; when set (or when the streamer's consumer calls
         `streamer.cancel()`), generation ends before the next decode step. An exception raised
@@ -152,12 +157,13 @@ class GenerationMixin:
         positions = position_ids_from_mask(mask[:, :prompt_len])
         eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        cache = MllamaCache(len(self._decoder_layers()), capacity=total)
+        cache = StaticCache(len(self._decoder_layers()), capacity=total, padding=mask)
+        step_fn = self._decode_step_fn(device, compile)
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
         try:
-            logits = prefill(self, cache, input_ids, mask[:, :prompt_len] if padded else None, positions, images)
+            logits = prefill(self, cache, input_ids, None, positions, images)
             last_pos = positions[:, -1]
             length = prompt_len
             for step in range(max_new_tokens):
@@ -176,7 +182,7 @@ class GenerationMixin:
                 if not bool(unfinished.any()) or step + 1 == max_new_tokens or _stopped(stop, streamer):
                     break
                 last_pos = last_pos + 1
-                logits = decode_step(self, cache, tokens, mask[:, :length] if padded else None, last_pos)
+                logits = step_fn(self, cache, tokens, last_pos)
         except BaseException as error:
             if streamer is not None and hasattr(streamer, "put_error"):
                 streamer.put_error(error)  # the consumer raises it instead of waiting forever
@@ -186,6 +192,18 @@ class GenerationMixin:
             if streamer is not None:
                 streamer.end()
         return ids[:, :length]
+
+    def _decode_step_fn(self, device: torch.device, compile: bool | None):
+        if compile is None:
+            env = os.environ.get("MLLAMA_COMPILE")
+            single_gpu = device.type == "cuda" and not getattr(self, "hf_device_map", None)
+            compile = env == "1" if env in ("0", "1") else single_gpu
+        if not compile:
+            return decode_step
+        if getattr(self, "_compiled_decode_step", None) is None:
+            mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            self._compiled_decode_step = torch.compile(decode_step, mode=mode, dynamic=False)
+        return self._compiled_decode_step
 
     def _decoder_layers(self) -> torch.nn.ModuleList:
         text = self.language_model.model if hasattr(self, "vision_model") else self.model

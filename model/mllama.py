@@ -170,7 +170,7 @@ def _forward_multimodal(
             # A mask over the whole sequence so far (transformers' calling convention).
             cross_attention_mask = cross_attention_mask[:, past : past + q_len]
         if isinstance(cache, MllamaCache):
-            cache.cross_mask_row = cross_attention_mask[:, -1:]
+            cache.set_cross_mask_row(cross_attention_mask[:, -1:], num_patches, dtype)
         cross_attention_mask, row_mask = prepare_cross_attention_mask(
             cross_attention_mask.to(text_model.embed_tokens.weight.device), num_patches, dtype
         )

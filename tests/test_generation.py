@@ -115,3 +115,13 @@ def test_unknown_generate_argument_is_refused(pair):
     hf, ours, _ = pair
     with pytest.raises(TypeError, match="unexpected arguments"):
         ours.generate(**make_inputs(hf, **CASES["text_only"]), max_new_tokns=3)
+
+
+def test_compiled_decode_gives_the_same_tokens(pair):
+    """The fixed-shape decode step compiled with torch.compile (the GPU path also captures it
+    in CUDA graphs) must not change a single greedy token."""
+    hf, ours, _ = pair
+    inputs = make_inputs(hf, **CASES["left_padded_batch"])
+    eager = ours.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, compile=False)
+    compiled = ours.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, compile=True)
+    assert torch.equal(compiled, eager)
