@@ -6,6 +6,7 @@ Screenshots of the main states go to tests/artifacts/ (git-ignored) for a person
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -15,7 +16,6 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from app.config import EXAMPLES_DIR
-from app.examples import load_examples
 from scripts.synthetic import draw_picture
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -140,16 +140,17 @@ def test_asking_about_a_picture_streams_an_answer_with_its_colour(open_page, pic
     screenshot(page, "02-answered")
 
 
-def test_an_example_fills_the_message_box_and_is_answered(open_page):
-    examples = load_examples(EXAMPLES_DIR)
-    assert examples, f"{EXAMPLES_DIR} should hold example pictures"
+def test_an_example_fills_the_message_box_and_gets_its_expected_answer(open_page):
+    first = json.loads((EXAMPLES_DIR / "examples.json").read_text())[0]
     page = open_page()
-    page.locator(".gallery-item, [data-testid=examples] button").first.click()
-    expect(page.locator("#message textarea")).to_have_value(examples[0]["text"])
+    page.locator("#chat-column .gallery-item").first.click()
+    expect(page.locator("#message textarea")).to_have_value(first["question"])
     expect(page.locator("#message .thumbnail-item")).to_have_count(1)
     page.locator("#message .submit-button").click()
     wait_until_answered(page)
-    assert answers(page).last.inner_text().strip(), "the example question should get an answer"
+    answer = answers(page).last.inner_text()
+    assert first["answer"].lower().rstrip(".") in answer.lower(), \
+        f"example {first['image']} should be answered {first['answer']!r}, got {answer!r}"
 
 
 def test_stop_ends_a_long_answer_and_keeps_what_was_written(open_page, pictures):
@@ -167,6 +168,22 @@ def test_stop_ends_a_long_answer_and_keeps_what_was_written(open_page, pictures)
     page.wait_for_timeout(1000)
     assert answers(page).last.inner_text() == kept, "nothing may be added to an answer after Stop"
     screenshot(page, "04-stopped")
+
+
+def test_another_user_is_answered_while_a_long_answer_streams(open_page, pictures):
+    first = open_page()
+    set_settings(first, temperature=LONG_ANSWER["temperature"], max_new_tokens=LONG_ANSWER["max_new_tokens"],
+                 seed=LONG_ANSWER["seed"])
+    send(first, LONG_ANSWER["question"])
+    expect(answers(first)).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
+    second = open_page()
+    attach(second, pictures["green"])
+    send(second, "What color is the shape?")
+    wait_until_answered(second)
+    assert "green" in answers(second).last.inner_text().lower()
+    expect(first.locator("#message .stop-button")).to_be_visible()  # the first answer is still streaming
+    first.locator("#message .stop-button").click()
+    wait_until_answered(first)
 
 
 def test_retry_answers_the_last_question_again(open_page, pictures):
