@@ -18,6 +18,8 @@ from model.image_io import ImageLoadError, load_image
 
 log = logging.getLogger(__name__)
 
+RANDOM_SEED = -1  # the seed field's value for "a new random seed every time"
+
 
 @dataclass
 class _Running:
@@ -69,14 +71,15 @@ class RunningAnswers:
 def settings_from(max_new_tokens: float, temperature: float, top_p: float, top_k: float = 0,
                   repetition_penalty: float = 1.0, seed: float | None = None, *,
                   limit: int) -> GenerationSettings:
-    """Engine settings from slider and number values (floats from the page, None for a blank seed)."""
+    """Engine settings from slider and number values (floats from the page); a seed that is None,
+    blank or negative (RANDOM_SEED) means a fresh random seed for each answer."""
     return GenerationSettings(
         max_new_tokens=max(1, min(int(max_new_tokens), limit)),
         temperature=max(0.0, float(temperature)),
         top_p=min(1.0, max(0.0, float(top_p))) or 1.0,
         top_k=max(0, int(top_k)),
         repetition_penalty=max(1.0, float(repetition_penalty)),
-        seed=None if seed is None or seed == "" else int(seed),
+        seed=None if seed is None or seed == "" or int(seed) < 0 else int(seed),
     )
 
 

@@ -63,7 +63,7 @@ def add_ask_endpoint(engine: Any, limit: int, concurrency_limit: int) -> None:
             gr.Number(label="temperature", value=defaults.temperature, minimum=0,
                       info="0 means greedy: always the most likely next token"),
             gr.Number(label="top_p", value=defaults.top_p, minimum=0, maximum=1),
-            gr.Number(label="seed", value=None, precision=0, info="empty for a random seed"),
+            gr.Number(label="seed", value=None, precision=0, info="leave out (or -1) for a random seed"),
         ]
         answer = gr.Textbox(label="answer")
     gr.on(triggers=[], fn=ask, inputs=inputs, outputs=answer, api_name="ask",

@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from .answering import RunningAnswers
+from .answering import RANDOM_SEED, RunningAnswers
 from .api import add_ask_endpoint
 from .config import EXAMPLES_DIR, LLAMA_VISION, AppConfig
 from .conversation import Conversation
@@ -29,6 +29,7 @@ def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
     defaults = info.defaults
     handlers = ChatHandlers(engine, config.max_new_tokens, RunningAnswers())
     examples = load_examples(EXAMPLES_DIR) if EXAMPLES_DIR.is_dir() else []
+    default_seed = RANDOM_SEED if defaults.seed is None else defaults.seed
 
     with gr.Blocks(title="Llama 3.2 Vision chat", fill_height=True) as demo:
         conversation = gr.State(Conversation())
@@ -84,8 +85,8 @@ def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
                     repetition_penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05,
                                                    label="Repetition penalty", info="1 = off",
                                                    elem_id="repetition-penalty")
-                    seed = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="seed",
-                                     info="empty = a new random seed for every answer")
+                    seed = gr.Number(label="Seed", value=default_seed, precision=0, minimum=RANDOM_SEED,
+                                     info="-1 = a new random seed for every answer", elem_id="seed")
                     reset_button = gr.Button("Reset to the model's defaults", size="sm", elem_id="reset-settings")
 
         add_ask_endpoint(engine, config.max_new_tokens, config.max_batch)
@@ -113,7 +114,7 @@ def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
                            **quick)
         reset_button.click(lambda: [defaults.temperature, defaults.top_p, defaults.top_k,
                                     min(defaults.max_new_tokens, config.max_new_tokens),
-                                    defaults.repetition_penalty, defaults.seed],
+                                    defaults.repetition_penalty, default_seed],
                            None, settings[1:], **quick)
         demo.unload(handlers.leave)
     return demo

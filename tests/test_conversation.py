@@ -312,5 +312,66 @@ def test_a_complete_cached_checkpoint_is_found_without_network(tmp_path):
 
 def test_a_cached_checkpoint_missing_a_shard_is_not_used(tmp_path):
     make_cached_repo(tmp_path, "meta-llama/Llama-3.2-11B-Vision-Instruct",
-                     ["config.json", "tokenizer.json", "preprocessor_config.json"], ["model-00001-of-00002.safetensors"])
+                     ["config.json", "tokenizer.json", "preprocessor_config.json"],
+                     ["model-00001-of-00002.safetensors"])
     assert cached_checkpoint("meta-llama/Llama-3.2-11B-Vision-Instruct", cache_dir=str(tmp_path)) is None
+
+
+# ---- settings and cancellation (app/answering.py) -------------------------------------------------
+def test_page_values_become_engine_settings_within_the_limits():
+    from app.answering import settings_from
+
+    settings = settings_from(5000.0, 0.0, 0.9, 40.0, 1.1, 7.0, limit=1024)
+    assert (settings.max_new_tokens, settings.temperature, settings.top_k, settings.seed) == (1024, 0.0, 40, 7), \
+        "max new tokens is capped by the server's limit; temperature 0 stays greedy"
+
+
+@pytest.mark.parametrize("seed", [None, "", -1])
+def test_a_missing_or_negative_seed_means_a_fresh_random_seed(seed):
+    from app.answering import settings_from
+
+    assert settings_from(16, 0.6, 0.9, seed=seed, limit=64).seed is None
+
+
+def test_stop_cancels_the_sessions_answer_and_waits_until_it_has_ended():
+    import threading
+
+    from app.answering import RunningAnswers
+
+    running = RunningAnswers()
+    cancel = running.start("session-a")
+    other = running.start("session-b")
+    ended = []
+
+    def answer_loop():  # what the answer handler does: run until cancelled, then record and end
+        cancel.wait(5)
+        ended.append("written")
+        running.end("session-a", cancel)
+
+    worker = threading.Thread(target=answer_loop)
+    worker.start()
+    assert running.stop("session-a", wait_s=5) is True
+    assert ended == ["written"], "stop returns only after the answer has written its last state"
+    assert not other.is_set(), "another session's answer keeps running"
+    assert running.stop("session-a") is False, "nothing left to stop"
+    worker.join()
+
+
+def test_a_new_answer_in_the_same_session_cancels_the_previous_one():
+    from app.answering import RunningAnswers
+
+    running = RunningAnswers()
+    old = running.start("s")
+    running.start("s")
+    assert old.is_set()
+
+
+def test_a_damaged_picture_is_reported_by_its_file_name(tmp_path):
+    from app.answering import read_picture
+    from model.image_io import ImageLoadError
+
+    broken = tmp_path / "holiday.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(ImageLoadError, match="holiday.png") as caught:
+        read_picture(str(broken))
+    assert str(tmp_path) not in str(caught.value), "the upload folder means nothing to the user"
