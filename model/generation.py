@@ -7,6 +7,7 @@ the cached K/V and derive their cross-attention mask row from the last prompt ro
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Protocol
@@ -15,6 +16,8 @@ import torch
 
 from .cache import MllamaCache, StaticCache
 from .sampling import SamplingConfig, process_logits, select_next_tokens
+
+log = logging.getLogger(__name__)
 
 IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
@@ -64,6 +67,26 @@ def decode_step(model, cache: StaticCache, tokens: torch.Tensor, positions: torc
     return out.logits[:, -1]
 
 
+def _with_eager_fallback(compiled):
+    """Compilation needs a working compiler toolchain; without one, decode eagerly (tracing
+    fails before the step mutates the cache, so the eager retry is exact)."""
+    state = {"fn": compiled, "compiled_once": False}
+
+    def step(*args):
+        if state["compiled_once"]:
+            return state["fn"](*args)
+        try:
+            out = state["fn"](*args)
+        except Exception as error:  # torch._dynamo / inductor errors have no common public base
+            log.warning("torch.compile failed (%s); decoding eagerly", str(error).splitlines()[0][:200])
+            state["fn"] = decode_step
+            out = decode_step(*args)
+        state["compiled_once"] = True
+        return out
+
+    return step
+
+
 def _stopped(stop: threading.Event | None, streamer: Streamer | None) -> bool:
     return (stop is not None and stop.is_set()) or bool(getattr(streamer, "cancelled", False))
 
@@ -106,9 +129,9 @@ class GenerationMixin:
         filled with `pad_token_id`. Unset options come from the checkpoint's
         generation_config.json, then transformers' defaults (20 tokens in all, greedy).
 
-        `compile`: run decode steps through torch.compile (CUDA graphs on a GPU). None means
-        on when the model sits on one CUDA device, off on the CPU (compiling costs a minute
-        there); MLLAMA_COMPILE=1/0 in the environment overrides None.
+        `compile`: run decode steps through torch.compile (mode "reduce-overhead", i.e. CUDA
+        graphs, on a GPU) when the whole model sits on one device. None means
+        MLLAMA_COMPILE=1 in the environment. The first call compiles (seconds to minutes).
 
         `stop`: a threading.Event; when set (or when the streamer's consumer calls
         `streamer.cancel()`), generation ends before the next decode step. An exception raised
@@ -195,14 +218,14 @@ class GenerationMixin:
 
     def _decode_step_fn(self, device: torch.device, compile: bool | None):
         if compile is None:
-            env = os.environ.get("MLLAMA_COMPILE")
-            single_gpu = device.type == "cuda" and not getattr(self, "hf_device_map", None)
-            compile = env == "1" if env in ("0", "1") else single_gpu
+            compile = os.environ.get("MLLAMA_COMPILE") == "1"
         if not compile:
             return decode_step
+        if getattr(self, "hf_device_map", None) and len(set(self.hf_device_map.values())) > 1:
+            return decode_step  # graphs only where the whole model sits on one device
         if getattr(self, "_compiled_decode_step", None) is None:
             mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
-            self._compiled_decode_step = torch.compile(decode_step, mode=mode, dynamic=False)
+            self._compiled_decode_step = _with_eager_fallback(torch.compile(decode_step, mode=mode, dynamic=False))
         return self._compiled_decode_step
 
     def _decoder_layers(self) -> torch.nn.ModuleList:
