@@ -10,6 +10,8 @@ import copy
 import json
 import os
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from typing import Any, ClassVar
 
@@ -46,6 +48,7 @@ __all__ = ["MllamaPreTrainedModel", "CheckpointError"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 # Where the sub-configs live in a full Mllama config.json.
 _SUB_CONFIG_KEY = {MllamaTextConfig: "text_config", MllamaVisionConfig: "vision_config"}
+_READ_THREADS = 4
 _FILES = ["*.json", "*.safetensors"]  # what a hub download fetches (not Meta's original/*.pth)
 
 
@@ -253,23 +256,37 @@ def _load_weights(
     dtype: torch.dtype,
     offload_folder: str | os.PathLike | None,
 ) -> None:
-    """Read each mapped tensor once, shard by shard, cast it and put it on its device or on disk."""
+    """Read each mapped tensor once, shard by shard, cast it and put it on its device or on disk.
+    A few threads read, copy and cast (torch releases the GIL), at most a few tensors ahead."""
     offload_index: dict = {}
-    for file, keys in groupby(sorted(mapping, key=lambda k: infos[k].file), key=lambda k: infos[k].file):
-        with safe_open(file, framework="pt") as f:
-            for key in keys:
-                name = mapping[key]
-                device = device_of(name, device_map)
-                tensor = f.get_tensor(key)
-                if device != "disk":
-                    tensor = tensor.to(torch_device(device))  # cast on the device: host memory holds one tensor
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                if device == "disk":
-                    offload_weight(tensor, name, offload_folder, offload_index)
-                    tensor = torch.empty_like(tensor, device="meta")  # keeps the dtype visible on the module
-                    device = "meta"
-                set_module_tensor_to_device(model, name, device, value=tensor, dtype=tensor.dtype, clear_cache=False)
+
+    def read(f, key: str) -> tuple[Device, torch.Tensor]:
+        device = device_of(mapping[key], device_map)
+        tensor = f.get_tensor(key)
+        if device != "disk":
+            tensor = tensor.to(torch_device(device))  # cast on the device: host memory holds the original only
+        return device, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def place(key: str, device: Device, tensor: torch.Tensor) -> None:
+        name = mapping[key]
+        if device == "disk":
+            offload_weight(tensor, name, offload_folder, offload_index)
+            tensor = torch.empty_like(tensor, device="meta")  # keeps the dtype visible on the module
+            device = "meta"
+        set_module_tensor_to_device(model, name, device, value=tensor, dtype=tensor.dtype, clear_cache=False)
+
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        for file, keys in groupby(sorted(mapping, key=lambda k: infos[k].file), key=lambda k: infos[k].file):
+            with safe_open(file, framework="pt") as f:
+                pending: deque = deque()
+                for key in keys:
+                    pending.append((key, pool.submit(read, f, key)))
+                    if len(pending) > 2 * _READ_THREADS:
+                        key_done, future = pending.popleft()
+                        place(key_done, *future.result())
+                while pending:
+                    key_done, future = pending.popleft()
+                    place(key_done, *future.result())
     if offload_index:
         save_offload_index(offload_index, offload_folder)
 
