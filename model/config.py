@@ -289,14 +289,14 @@ class MllamaConfig(_JsonConfig):
 
     def to_dict(self) -> dict:
         out = {
-            "architectures": self.architectures or ["MllamaForConditionalGeneration"],
             "image_token_index": self.image_token_index,
             "model_type": self.model_type,
             "text_config": self.text_config.to_dict(),
             "vision_config": self.vision_config.to_dict(),
         }
-        if self.torch_dtype is not None:
-            out["torch_dtype"] = self.torch_dtype
+        for key in ("architectures", "torch_dtype"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
