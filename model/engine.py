@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .hub import resolve_checkpoint
+from .hub import CHECKPOINT_FILES, resolve_checkpoint
 from .image_processing import get_optimal_tiled_canvas
 from .mllama import MllamaForConditionalGeneration
 from .processing import MllamaProcessor
@@ -109,7 +109,7 @@ class ChatEngine:
              max_batch: int = 8, queue_size: int = 32, context_tokens: int = 4096) -> "ChatEngine":
         """Load a checkpoint folder or hub id (blocking; progress goes to the log)."""
         start = time.perf_counter()
-        folder = resolve_checkpoint(model)
+        folder = resolve_checkpoint(model, allow_patterns=CHECKPOINT_FILES)
         log.info("loading %s", model)
         processor = MllamaProcessor.from_pretrained(folder)
         network = MllamaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device_map)

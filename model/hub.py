@@ -16,6 +16,10 @@ from huggingface_hub.utils import validate_repo_id
 _IGNORE = ["original/*"]  # Meta's consolidated.pth checkpoints, which we do not read
 
 
+# What a download of a checkpoint fetches: config, tokenizer, template and weights (not Meta's original/*.pth).
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja"]
+
+
 class CheckpointNotFoundError(OSError):
     """Neither a local folder nor a Hub repository we can get."""
 

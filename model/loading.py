@@ -41,7 +41,7 @@ from .device_map import (
     resolve_device_map,
     torch_device,
 )
-from .hub import resolve_checkpoint
+from .hub import CHECKPOINT_FILES, resolve_checkpoint
 
 __all__ = ["MllamaPreTrainedModel", "CheckpointError"]
 
@@ -49,7 +49,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # Where the sub-configs live in a full Mllama config.json.
 _SUB_CONFIG_KEY = {MllamaTextConfig: "text_config", MllamaVisionConfig: "vision_config"}
 _READ_THREADS = 4
-_FILES = ["*.json", "*.safetensors"]  # what a hub download fetches (not Meta's original/*.pth)
 
 
 class MllamaPreTrainedModel(nn.Module):
@@ -108,7 +107,7 @@ class MllamaPreTrainedModel(nn.Module):
             raise ValueError(f"max_memory only applies with device_map in {STRATEGIES}, got device_map={device_map!r}")
         if semantics is not None and semantics not in SEMANTICS:
             raise ConfigError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-        folder = resolve_checkpoint(path_or_id, allow_patterns=_FILES)
+        folder = resolve_checkpoint(path_or_id, allow_patterns=CHECKPOINT_FILES)
         if config is None:
             config = _read_config(cls, folder)
         elif not isinstance(config, cls.config_class):

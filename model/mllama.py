@@ -16,7 +16,7 @@ from .generation import GenerationMixin
 from .loading import MllamaPreTrainedModel
 from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from .text import MllamaForCausalLM, MllamaTextModel, causal_lm_loss
-from .vision import MllamaVisionModel
+from .vision import MllamaVisionModel, like_param
 
 
 def check_image_tokens(input_ids: torch.Tensor, aspect_ratio_ids: torch.Tensor, image_token_id: int) -> None:
@@ -151,7 +151,7 @@ def _forward_multimodal(
             check_image_tokens(input_ids, aspect_ratio_ids, config.image_token_index)
         features = owner.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state
         projector = owner.multi_modal_projector
-        states = projector(features.to(projector.weight.device, projector.weight.dtype))
+        states = projector(like_param(features, projector.weight))
         cross_attention_states = states.reshape(-1, states.shape[-2], states.shape[-1])  # (B*N*T, P, H)
 
     has_images = cross_attention_states is not None or (cache is not None and cache.has_images)
@@ -172,7 +172,7 @@ def _forward_multimodal(
         if isinstance(cache, MllamaCache):
             cache.set_cross_mask_row(cross_attention_mask[:, -1:], num_patches, dtype)
         cross_attention_mask, row_mask = prepare_cross_attention_mask(
-            cross_attention_mask.to(text_model.embed_tokens.weight.device), num_patches, dtype
+            cross_attention_mask, num_patches, dtype
         )
 
     return text_model(

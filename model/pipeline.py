@@ -69,7 +69,7 @@ def pipeline(task: str, model: Any, processor: MllamaProcessor | None = None, *,
         return ImageTextToTextPipeline(model, processor)
     loaded = MllamaForConditionalGeneration.from_pretrained(model, dtype=dtype, device_map=device_map, **model_kwargs)
     if processor is None:
-        from .hub import resolve_checkpoint
+        from .hub import CHECKPOINT_FILES, resolve_checkpoint
 
-        processor = MllamaProcessor.from_pretrained(resolve_checkpoint(model))
+        processor = MllamaProcessor.from_pretrained(resolve_checkpoint(model, allow_patterns=CHECKPOINT_FILES))
     return ImageTextToTextPipeline(loaded, processor)

@@ -18,6 +18,12 @@ from .loading import MllamaPreTrainedModel
 from .outputs import BaseModelOutput
 
 
+def like_param(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Cast `x` to the parameter's dtype and move it to its device, unless the parameter is
+    offloaded (meta): then accelerate's hooks bring inputs where the weights are loaded."""
+    return x.to(param.dtype) if param.device.type == "meta" else x.to(param.device, param.dtype)
+
+
 class MllamaPrecomputedAspectRatioEmbedding(nn.Module):
     """One learned vector per tile, looked up by aspect-ratio id, gated by tanh(gate)."""
 
@@ -175,10 +181,9 @@ class MllamaVisionModel(MllamaPreTrainedModel):
             )
         b, n, t, c, s, _ = pixel_values.shape
         m, d, p = b * n, self.hidden_size, self.num_patches
-        w = self.patch_embedding.weight
-        x = self.patch_embedding(pixel_values.reshape(m * t, c, s, s).to(w.device, w.dtype))
+        x = self.patch_embedding(like_param(pixel_values.reshape(m * t, c, s, s), self.patch_embedding.weight))
         x = x.flatten(2).transpose(1, 2)  # (M*T, P-1, D), patches row-major
-        ids = aspect_ratio_ids.reshape(m).to(w.device)
+        ids = aspect_ratio_ids.reshape(m).to(x.device)
         x = self.pre_tile_positional_embedding(x.reshape(m, t, -1, d), ids)
         cls = self.class_embedding.to(x.dtype).expand(m * t, 1, d)
         x = torch.cat([cls, x.reshape(m * t, -1, d)], dim=1)  # class token first
