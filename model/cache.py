@@ -98,6 +98,14 @@ class MllamaCache:
     def get_seq_length(self) -> int:
         return self.seen
 
+    def preload(self, self_kv: list, length: int) -> None:
+        """Start from stored K/V of the first `length` positions (batch of one); they are copied
+        on the first write, so the stored tensors stay untouched."""
+        for layer, kv in zip(self.layers, self_kv):
+            if kv is not None:
+                layer.keys, layer.values = kv[0][:, :, :length], kv[1][:, :, :length]
+        self.seen = length
+
     @property
     def has_images(self) -> bool:
         return bool(self.cross_keys)
@@ -234,6 +242,14 @@ class SlotCache:
             self.cross_additive[slot] = 0
             self.cross_rows[slot] = 0
             self.image_slots.discard(slot)
+
+    def export(self, slot: int, length: int) -> list:
+        """Copies of one slot's self-attention K/V for positions [0, length), per layer."""
+        return [
+            None if layer.keys is None or i in self.cross_layers
+            else (layer.keys[slot : slot + 1, :, :length].clone(), layer.values[slot : slot + 1, :, :length].clone())
+            for i, layer in enumerate(self.layers)
+        ]
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0

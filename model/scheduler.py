@@ -57,6 +57,7 @@ class Request:
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
     history: torch.Tensor | None = None  # prompt + generated ids (1, capacity) for the penalty
+    conversation: Conversation | None = None  # what this turn leaves for the next one
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     stats: ReplyStats | None = None
@@ -66,29 +67,50 @@ class Request:
         return self.inputs["input_ids"].shape[1]
 
 
-class ImageKVStore:
-    """The last image's cross-attention K/V of each conversation (LRU), so that a follow-up
-    question about the same picture does not run the vision tower again."""
+@dataclass
+class Conversation:
+    """What a finished turn leaves for the next one: the picture's cross-attention K/V and the
+    self-attention K/V of every token the model has read (prompt + reply)."""
 
-    def __init__(self, max_sessions: int) -> None:
-        self.max_sessions = max_sessions
-        self._items: OrderedDict[str, tuple[str, dict, dict]] = OrderedDict()
-        self.hits = 0
+    image_key: str | None
+    cross_keys: dict = field(default_factory=dict)
+    cross_values: dict = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)
+    self_kv: list = field(default_factory=list)  # per layer (keys, values) (1, H, n, D), or None
 
-    def get(self, session_id: str | None, key: str) -> tuple[dict, dict] | None:
-        item = self._items.get(session_id) if session_id else None
-        if item is None or item[0] != key:
+    def reusable_prefix(self, token_ids: list[int], image_key: str | None) -> int:
+        """Tokens at the start of `token_ids` whose K/V are stored (0 if the picture changed)."""
+        if image_key != self.image_key or not self.self_kv:
+            return 0
+        n = 0
+        for a, b in zip(self.token_ids, token_ids):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(token_ids) - 1)  # the last prompt token is always run: it gives the logits
+
+
+class ConversationStore:
+    """Recent conversations by session id (LRU), bounded by a number of stored tokens."""
+
+    def __init__(self, max_sessions: int, max_tokens: int) -> None:
+        self.max_sessions, self.max_tokens = max_sessions, max_tokens
+        self._items: OrderedDict[str, Conversation] = OrderedDict()
+
+    def get(self, session_id: str | None) -> Conversation | None:
+        if not session_id or session_id not in self._items:
             return None
         self._items.move_to_end(session_id)
-        self.hits += 1
-        return item[1], item[2]
+        return self._items[session_id]
 
-    def put(self, session_id: str | None, key: str, keys: dict, values: dict) -> None:
+    def put(self, session_id: str | None, conversation: Conversation) -> None:
         if not session_id or self.max_sessions <= 0:
             return
-        self._items[session_id] = (key, dict(keys), dict(values))
+        self._items[session_id] = conversation
         self._items.move_to_end(session_id)
-        while len(self._items) > self.max_sessions:
+        while len(self._items) > self.max_sessions or (
+            len(self._items) > 1 and sum(len(c.token_ids) for c in self._items.values()) > self.max_tokens
+        ):
             self._items.popitem(last=False)
 
 
@@ -102,15 +124,16 @@ def image_key(inputs: dict) -> str | None:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch: int, capacity: int, queue_size: int, image_sessions: int = 16) -> None:
+    def __init__(self, model, max_batch: int, capacity: int, queue_size: int, sessions: int = 16) -> None:
         self.model = model
         self.capacity = capacity
         self.device = model.language_model.model.embed_tokens.weight.device
         self.cache = SlotCache(model, max_batch, capacity)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
-        self.images = ImageKVStore(image_sessions)
+        self.conversations = ConversationStore(sessions, max_tokens=sessions * capacity // 4)
         self.vision_runs = 0
+        self.reused_tokens = 0
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="mllama-scheduler", daemon=True)
         self._thread.start()
@@ -189,23 +212,30 @@ class Scheduler:
         self._accept(request, self._sample(request, logits))
 
     def _prefill(self, request: Request) -> torch.Tensor:
+        """Run the prompt (batch of one), reusing what the conversation's last turn computed:
+        the picture's cross K/V when it is the same picture, and the self-attention K/V of the
+        unchanged start of the prompt."""
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in request.inputs.items()}
-        prefill_cache = MllamaCache(len(self.cache.layers), capacity=request.prompt_len)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        cache = MllamaCache(len(self.cache.layers), capacity=request.prompt_len)
         key = image_key(inputs)
-        cached = self.images.get(request.session_id, key) if key else None
-        if cached is not None:
-            # Same picture as this conversation's last turn: reuse its cross K/V.
-            prefill_cache.cross_keys, prefill_cache.cross_values = dict(cached[0]), dict(cached[1])
+        previous = self.conversations.get(request.session_id)
+        if previous is not None and key is not None and previous.image_key == key:
+            cache.cross_keys, cache.cross_values = dict(previous.cross_keys), dict(previous.cross_values)
             for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
-                inputs.pop(name, None)
-        elif key:
+                inputs.pop(name)
+        elif key is not None:
             self.vision_runs += 1
-        out = self.model(**inputs, past_key_values=prefill_cache, use_cache=True, logits_to_keep=1)
-        if key and cached is None:
-            self.images.put(request.session_id, key, prefill_cache.cross_keys, prefill_cache.cross_values)
+        prefix = previous.reusable_prefix(prompt_ids, key) if previous is not None else 0
+        if prefix:
+            cache.preload(previous.self_kv, prefix)
+            inputs["input_ids"] = inputs["input_ids"][:, prefix:]
+            self.reused_tokens += prefix
+        out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        request.conversation = Conversation(key, cache.cross_keys, cache.cross_values)
         request.history = torch.zeros(1, self.capacity, dtype=torch.long, device=self.device)
-        request.history[:, : request.prompt_len] = inputs["input_ids"]
-        request._prefill_cache = prefill_cache  # loaded into a slot once one is assigned
+        request.history[0, : request.prompt_len] = torch.tensor(prompt_ids, device=self.device)
+        request._prefill_cache = cache  # loaded into a slot once one is assigned
         return out.logits[:, -1]
 
     def _sample(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
@@ -274,10 +304,21 @@ class Scheduler:
             prompt_tokens=request.prompt_len,
         )
         if request.slot >= 0 and self.slots[request.slot] is request:
+            self._remember(request)
             self.slots[request.slot] = None
             self.cache.free(request.slot)
         request.__dict__.pop("_prefill_cache", None)
         request.streamer.end()
+
+    def _remember(self, request: Request) -> None:
+        """Keep the K/V of the tokens the model has read (all but the last reply token)."""
+        if not request.session_id or request.conversation is None:
+            return
+        read = request.prompt_len + len(request.tokens) - 1
+        conversation = request.conversation
+        conversation.token_ids = request.history[0, :read].tolist()
+        conversation.self_kv = self.cache.export(request.slot, read)
+        self.conversations.put(request.session_id, conversation)
 
     def _fail_all(self, error: Exception) -> None:
         for request in self.slots:

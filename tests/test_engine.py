@@ -189,3 +189,24 @@ def test_seeded_sampling_is_reproducible_under_load(engine):
         again = reply(engine, conversation(30), settings)[0]
         [f.result() for f in others]
     assert again == alone
+
+
+def test_follow_up_question_reads_only_the_new_tokens(engine):
+    """The unchanged start of the conversation keeps its self-attention K/V."""
+    fed = []
+    hook = engine.model.language_model.model.embed_tokens.register_forward_hook(
+        lambda module, args, out: fed.append(args[0].shape[1])
+    )
+    try:
+        first = [{"role": "user", "content": "what color is the shape"}]
+        answer, stats = reply(engine, first, session_id="s2")
+        follow = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "how many"}]
+        fed.clear()
+        reused, follow_stats = reply(engine, follow, session_id="s2")
+        prefill = fed[0]
+        assert prefill < follow_stats.prompt_tokens - stats.prompt_tokens + 2, (
+            f"the follow-up prefill read {prefill} of {follow_stats.prompt_tokens} tokens"
+        )
+        assert reused == reply(engine, follow)[0], "reused K/V must give the same answer"
+    finally:
+        hook.remove()
