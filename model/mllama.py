@@ -30,15 +30,11 @@ def check_image_tokens(input_ids: torch.Tensor, aspect_ratio_ids: torch.Tensor, 
             )
 
 
-class MllamaModel(MllamaPreTrainedModel):
-    """Vision tower, projector and text model, without the LM head."""
+class _VisionLanguageModel(MllamaPreTrainedModel):
+    """Vision tower -> projector -> `language_model` (the text model, with or without head)."""
 
     config_class = MllamaConfig
-    checkpoint_prefixes: ClassVar = (
-        ("vision_model.", "vision_model."),
-        ("multi_modal_projector.", "multi_modal_projector."),
-        ("language_model.model.", "language_model."),
-    )
+    language_model_class: ClassVar[type]
 
     def __init__(self, config: MllamaConfig) -> None:
         super().__init__()
@@ -47,7 +43,18 @@ class MllamaModel(MllamaPreTrainedModel):
         self.multi_modal_projector = nn.Linear(
             config.vision_config.vision_output_dim, config.text_config.hidden_size, bias=True
         )
-        self.language_model = MllamaTextModel(config.text_config)
+        self.language_model = self.language_model_class(config.text_config)
+
+
+class MllamaModel(_VisionLanguageModel):
+    """Vision tower, projector and text model, without the LM head."""
+
+    language_model_class = MllamaTextModel
+    checkpoint_prefixes: ClassVar = (
+        ("vision_model.", "vision_model."),
+        ("multi_modal_projector.", "multi_modal_projector."),
+        ("language_model.model.", "language_model."),
+    )
 
     def forward(
         self,
@@ -66,20 +73,11 @@ class MllamaModel(MllamaPreTrainedModel):
         return _forward_multimodal(self, self.language_model, **_locals(locals()))
 
 
-class MllamaForConditionalGeneration(MllamaPreTrainedModel, GenerationMixin):
+class MllamaForConditionalGeneration(_VisionLanguageModel, GenerationMixin):
     """Mllama with its LM head: `model(**processor(...)).logits`, `model.generate(**inputs)`."""
 
-    config_class = MllamaConfig
+    language_model_class = MllamaForCausalLM
     checkpoint_prefixes: ClassVar = (("", ""),)
-
-    def __init__(self, config: MllamaConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.vision_model = MllamaVisionModel(config.vision_config)
-        self.multi_modal_projector = nn.Linear(
-            config.vision_config.vision_output_dim, config.text_config.hidden_size, bias=True
-        )
-        self.language_model = MllamaForCausalLM(config.text_config)
 
     def forward(
         self,

@@ -53,7 +53,9 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
-class MllamaTextSelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q/k/v/o projections with grouped-query heads, shared by both attention kinds."""
+
     def __init__(self, config: MllamaTextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -65,6 +67,9 @@ class MllamaTextSelfAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+
+class MllamaTextSelfAttention(_Projections):
 
     def forward(self, x, mask, rope, cache: MllamaCache | None) -> torch.Tensor:
         q = _heads(self.q_proj(x), self.num_heads, self.head_dim)
@@ -80,18 +85,9 @@ class MllamaTextSelfAttention(nn.Module):
         return self.o_proj(_merge_heads(out))
 
 
-class MllamaTextCrossAttention(nn.Module):
+class MllamaTextCrossAttention(_Projections):
     def __init__(self, config: MllamaTextConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        super().__init__(config, layer_idx)
         self.q_norm = MllamaTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = MllamaTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
