@@ -126,3 +126,16 @@ def test_compiled_decode_gives_the_same_tokens(tmp_path):
     eager = ours.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, compile=False)
     compiled = ours.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, compile=True)
     assert torch.equal(compiled, eager)
+
+
+def test_text_only_prompts_skip_the_cross_attention_layers(pair):
+    hf, ours, _ = pair
+    calls = []
+    layers = [ours.language_model.model.layers[i] for i in ours.config.text_config.cross_attention_layers]
+    hooks = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in layers]
+    try:
+        ours.generate(**make_inputs(hf, **CASES["text_only"]), max_new_tokens=5, eos_token_id=None)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
