@@ -210,3 +210,34 @@ def test_follow_up_question_reads_only_the_new_tokens(engine):
         assert reused == reply(engine, follow)[0], "reused K/V must give the same answer"
     finally:
         hook.remove()
+
+
+def test_tiny_model_answers_eight_users_at_once_as_it_answers_each_alone():
+    """The same property on the shipped tiny model, with real pictures and questions."""
+    from pathlib import Path
+
+    from scripts import synthetic
+
+    tiny = Path(__file__).resolve().parents[1] / "assets" / "tiny-mllama"
+    engine = ChatEngine.load(str(tiny), max_batch=8, queue_size=16, context_tokens=512)
+    try:
+        rng = random.Random(11)
+        questions = ["What color is the shape?", "What shape is this?", "How many shapes are there?",
+                     "Describe the image."]
+        convs = []
+        for i in range(8):
+            sample = synthetic.make_sample(rng)
+            text = questions[i % 4] + (" Please answer briefly." if i >= 4 else "")
+            convs.append([{"role": "user", "content": [{"type": "image", "image": sample.image},
+                                                       {"type": "text", "text": text}]}])
+        alone = [reply(engine, c)[0] for c in convs]
+        barrier = threading.Barrier(8)
+
+        def together(c):
+            barrier.wait()
+            return reply(engine, c)[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(together, convs)) == alone
+    finally:
+        engine.close()
