@@ -86,26 +86,47 @@ def reference_processor(mllama_processor_dir, reference_image_processor):
 
 
 # --- app fixtures (issue 6: the Gradio app) ----------------------------------------------------------
-@pytest.fixture(scope="session")
-def tiny_app():
-    """The chat app on the real engine and assets/tiny-mllama, served on a free local port.
-
-    Yields a namespace with `url` and `engine`; shared by the gradio_client and browser tests.
-    """
+def _serve_app(model: Path, **config: object):
+    """Load the real engine on `model`, build the page, serve it on a free local port; yields a
+    namespace with `url`, `engine` and `config`, and closes everything afterwards."""
     from types import SimpleNamespace
 
-    from app.config import TINY_MODEL, AppConfig
+    from app.config import AppConfig
     from app.server import launch, load_engine
     from app.ui import build_demo
+
+    settings = AppConfig(model=str(model), **config)
+    engine = load_engine(settings)
+    assert engine is not None, f"the engine could not load {model}"
+    demo = build_demo(engine, settings)
+    _, url, _ = launch(demo, settings, server_port=None, prevent_thread_lock=True, quiet=True)
+    yield SimpleNamespace(url=url.rstrip("/") + "/", engine=engine, config=settings)
+    demo.close()
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_app():
+    """The chat app on the real engine and assets/tiny-mllama; shared by the client and browser tests."""
+    from app.config import TINY_MODEL
 
     if not (TINY_MODEL / "config.json").is_file():
         pytest.fail(f"{TINY_MODEL} is missing: the app tests need the trained tiny checkpoint "
                     "(scripts/train_tiny.py writes it)")
-    config = AppConfig(model=str(TINY_MODEL), max_new_tokens=2048, max_batch=4, queue_size=16)
-    engine = load_engine(config)
-    assert engine is not None, f"the engine could not load {TINY_MODEL}"
-    demo = build_demo(engine, config)
-    _, url, _ = launch(demo, config, server_port=None, prevent_thread_lock=True, quiet=True)
-    yield SimpleNamespace(url=url.rstrip("/") + "/", engine=engine, config=config)
-    demo.close()
-    engine.close()
+    yield from _serve_app(TINY_MODEL, max_new_tokens=2048, max_batch=4, queue_size=16)
+
+
+@pytest.fixture(scope="session")
+def talkative_app(tmp_path_factory):
+    """The chat app on the real engine and a random-weights checkpoint that has no end token, so
+    every answer runs to max_new_tokens (16,000 tokens: tens of seconds on a CPU).
+
+    For the tests that need an answer long enough to be stopped: tiny-mllama always ends its
+    answer after a few words, at any temperature.
+    """
+    from engine_checkpoint import write_engine_checkpoint
+
+    folder = write_engine_checkpoint(tmp_path_factory.mktemp("talkative"))
+    generation = folder / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": []}))
+    yield from _serve_app(folder, max_new_tokens=16000, context_tokens=16384, max_batch=4, queue_size=16)
