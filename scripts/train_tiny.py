@@ -38,7 +38,9 @@ from scripts.make_tokenizer import (BOS, EOS_BASE, EOT, IMAGE, PAD, build_small_
                                     write_tokenizer_files)
 
 VOCAB = 512  # ordinary BPE tokens; the 257 Llama 3 special tokens follow
-TILE, PATCH, MAX_TILES = 64, 8, 4
+# One 128-px tile: no shape is ever cut by a tile border, and the 'local' layers see the whole
+# picture (counting needs that); a square picture gets the same 128x128 pixels as 2x2 64-px tiles.
+TILE, PATCH, MAX_TILES = 128, 8, 1
 PREPROCESSOR = {
     "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
@@ -69,7 +71,7 @@ def tiny_config(vocab_size: int, image_token: int, bos: int, eos: list[int], pad
     vision = MllamaVisionConfig(
         hidden_size=64, attention_heads=4, num_hidden_layers=4, num_global_layers=1, intermediate_size=256,
         vision_output_dim=64 * 3, intermediate_layers_indices=[1, 3], image_size=TILE, patch_size=PATCH,
-        max_num_tiles=MAX_TILES)
+        max_num_tiles=MAX_TILES, supported_aspect_ratios=[[1, 1]])
     text = MllamaTextConfig(
         vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=384, cross_attention_layers=[1, 3], max_position_embeddings=1024, rope_theta=500000.0,
@@ -80,9 +82,13 @@ def tiny_config(vocab_size: int, image_token: int, bos: int, eos: list[int], pad
 
 def init_weights(model: nn.Module, gate: float) -> None:
     """transformers' initialisation (normal 0.02), but with the gates already part open: a zero
-    cross-attention gate passes no gradient to the vision tower at the start."""
+    cross-attention gate passes no gradient to the vision tower at the start. The class token and
+    the per-patch position table keep Meta's scale (hidden_size ** -0.5): at 0.02 they would be
+    invisible next to the patch embeddings, and the tower would start as a bag of patches."""
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
+        if name.endswith(("class_embedding", "gated_positional_embedding.embedding")):
+            continue
         if "gate" in leaf:
             nn.init.constant_(param, gate)
         elif "norm" in name and param.dim() == 1:
@@ -168,6 +174,31 @@ def make_batch(pool: PicturePool, indices: list[int], conversations: list[tuple[
             "aspect_ratio_mask": pool.aspect_ratio_mask[indices]}
 
 
+class PictureLabelHeads(nn.Module):
+    """Training-only linear heads on the vision tower's output, pooled by mean and max over its
+    tokens: colour, shape and count. Through the answers alone the gradient reaches the tower only
+    via the gated cross-attention and shape/count stay near chance for thousands of steps; this
+    short path teaches them in a few hundred. The heads are not part of the checkpoint."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        width = model.config.vision_config.vision_output_dim
+        self.heads = nn.Linear(2 * width, len(synthetic.COLORS) + len(synthetic.SHAPES) + 3)
+        self.features: torch.Tensor | None = None
+        model.vision_model.register_forward_hook(
+            lambda _module, _inputs, output: setattr(self, "features", output.last_hidden_state))
+
+    def loss(self, samples: list[synthetic.Sample]) -> torch.Tensor:
+        features = self.features.flatten(1, 3)  # (B, N*T*P, vision_output_dim)
+        logits = self.heads(torch.cat([features.mean(1), features.amax(1)], dim=-1))
+        colors, shapes = list(synthetic.COLORS), list(synthetic.SHAPES)
+        targets = [torch.tensor([colors.index(s.color) for s in samples]),
+                   torch.tensor([shapes.index(s.shape) for s in samples]),
+                   torch.tensor([s.count - 1 for s in samples])]
+        parts = logits.split([len(colors), len(shapes), 3], dim=-1)
+        return sum(F.cross_entropy(part, target) for part, target in zip(parts, targets))
+
+
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token loss over answer tokens, and per-row exact match of all answer tokens
     under teacher forcing (which is exactly "greedy decoding reproduces the answer")."""
@@ -223,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time budget for the training steps: the schedule follows the clock and ends "
                              "on time, however busy the machine (the step count lands in the report)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pool", type=int, default=5000, help="training pictures, drawn once")
     parser.add_argument("--eval", type=int, default=200, help="held-out pictures for the accuracy report")
     parser.add_argument("--eval-every", type=int, default=250)
@@ -252,7 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"pools ready in {time.time() - started:.0f}s; {sum(p.numel() for p in model.parameters()):,} parameters",
           flush=True)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    heads = PictureLabelHeads(model)
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, betas=(0.9, 0.98),
+                                  weight_decay=0.01)
     rng = random.Random(args.seed + 2)
     warmup = max(1, min(100, args.steps // 10))
     training_started, running, step = time.time(), 0.0, 0
@@ -267,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         indices = [rng.randrange(len(train)) for _ in range(args.batch_size)]
         convs = [encoder.conversation(synthetic.conversation(train.samples[i], rng)) for i in indices]
         loss, _ = answer_loss(model, make_batch(train, indices, convs, v, MAX_TILES))
+        loss = loss + heads.loss([train.samples[i] for i in indices])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
