@@ -1,18 +1,19 @@
 """Train the embedded default checkpoint, assets/tiny-mllama: a tiny Mllama that looks at the picture.
 
-    python scripts/train_tiny.py --out assets/tiny-mllama            # the shipped run
-    python scripts/train_tiny.py --out /tmp/x --steps 3 --pool 8 --eval 4   # a smoke run
+    python scripts/train_tiny.py --out assets/tiny-mllama --minutes 20   # the shipped run
+    python scripts/train_tiny.py --out /tmp/x --steps 3 --pool 8 --eval 4  # a smoke run
 
 Data: scripts/synthetic.py pictures (1 to 3 shapes of one kind and colour). Each training sample
 is a conversation about one picture with four turns (colour, shape, count, description in random
 order), rendered exactly as the Instruct chat template renders it; the loss is on the answers
-(and their <|eot_id|>) only. One vision pass thus teaches four answers; the first turn is, under
-causal attention, exactly a single-question prompt, and the later turns teach follow-ups
-answered from the first turn's image.
+(and their <|eot_id|>), plus training-only label heads on the vision tower (PictureLabelHeads).
+One vision pass thus teaches four answers; the first turn is, under causal attention, exactly a
+single-question prompt, and the later turns teach follow-ups answered from the first turn's image.
 
 The pictures of a run are drawn once into a pool and preprocessed once (processing dominates on
 two cores); the evaluation pictures use another seed and odd canvas sides, training even ones,
-so no evaluation canvas size was ever seen in training.
+so no evaluation canvas size was ever seen in training. With --minutes the cosine schedule
+follows the clock, so a run ends on time however busy the shared machine is.
 """
 from __future__ import annotations
 
