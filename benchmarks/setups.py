@@ -25,6 +25,16 @@ PRESETS = {
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
         image_token=32000,
     ),
+    # Narrow and deep: per-layer overhead dominates each decode step, as kernel launches do on a GPU.
+    "narrow": dict(
+        vision=dict(image_size=56, patch_size=14, hidden_size=64, attention_heads=2, intermediate_size=128,
+                    num_hidden_layers=4, num_global_layers=1, intermediate_layers_indices=[1, 2],
+                    vision_output_dim=192, max_num_tiles=4),
+        text=dict(vocab_size=1000, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=20,
+                  cross_attention_layers=[3, 8, 13, 18]),
+        image_token=1000,
+    ),
     # Llama-3.2-11B-Vision(-Instruct): the library defaults are its shapes; 560-px tiles.
     "11b": dict(vision=dict(image_size=560), text=dict(
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
