@@ -1,8 +1,10 @@
 """What the page's events do: each method takes the session's conversation (and the page's values)
 and returns the new conversation and what the page shows of it.
 
-User mistakes raise `gr.Error` before anything changes, so the history survives them; engine
-failures are written into the turn they happened in and shown as a warning.
+User mistakes are caught by `check_*` steps that have no outputs and run first: their `gr.Error`
+shows a message and stops the chain before anything changes (an error raised by a step with
+outputs would cover those outputs, the conversation among them). Engine failures are written into
+the turn they happened in and shown as a warning.
 """
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ NEW_THREAD_INFO = ("New picture: the model now looks at this one only. Earlier m
                    "marked out of view.")
 
 
-def textbox_ready(value: Any = None) -> Any:
-    """The message box ready for a question (Send shown, Stop hidden)."""
+def textbox_ready(value: dict | None = None) -> Any:
+    """The message box ready for a question (Send shown, Stop hidden). Without `value` it keeps what
+    the user may have typed meanwhile."""
+    if value is None:
+        return gr.MultimodalTextbox(submit_btn=True, stop_btn=False)
     return gr.MultimodalTextbox(value=value, submit_btn=True, stop_btn=False)
 
 
@@ -51,14 +56,21 @@ class ChatHandlers:
         info = self.engine.describe_image(read_picture(picture))
         return picture, picture_card(info, self.engine.info.tile_size)
 
-    # -- events --------------------------------------------------------------------------------
-    def submit(self, conversation: Conversation, message: dict | None) -> tuple:
+    def _asked(self, conversation: Conversation, message: dict | None) -> tuple[Conversation, str | None, str]:
         message = message or {}
         try:
             updated = ask(conversation, message.get("text") or "", list(message.get("files") or []))
-            thumbnail, caption = self.card(updated)
+            return (updated, *self.card(updated))
         except (ConversationError, ImageLoadError) as error:
             raise gr.Error(str(error), title="Not sent") from None
+
+    # -- events --------------------------------------------------------------------------------
+    def check_message(self, conversation: Conversation, message: dict | None) -> None:
+        """Refuse a message that cannot be sent (empty, two pictures, an unreadable picture...)."""
+        self._asked(conversation, message)
+
+    def submit(self, conversation: Conversation, message: dict | None) -> tuple:
+        updated, thumbnail, caption = self._asked(conversation, message)
         if updated.turns[-1].picture is not None and len(updated.turns) > 1:
             gr.Info(NEW_THREAD_INFO, title="New thread")
         return updated, chat_messages(updated), textbox_answering(), thumbnail, caption
@@ -107,18 +119,22 @@ class ChatHandlers:
         conversation = interrupted(conversation)
         return conversation, chat_messages(conversation), textbox_ready()
 
-    def retry(self, conversation: Conversation) -> tuple:
+    def check_retry(self, conversation: Conversation) -> None:
         try:
-            updated = retry(conversation)
+            retry(conversation)
         except ConversationError as error:
-            raise gr.Error(str(error), title="Nothing to retry") from None
+            raise gr.Error(str(error), title="Cannot retry") from None
+
+    def retry(self, conversation: Conversation) -> tuple:
+        updated = retry(conversation)
         return updated, chat_messages(updated), textbox_answering()
 
     def undo(self, conversation: Conversation) -> tuple:
         try:
             updated, removed = undo(conversation)
         except ConversationError as error:
-            raise gr.Error(str(error), title="Nothing to undo") from None
+            gr.Warning(str(error), title="Cannot undo")
+            return (gr.skip(),) * 5
         thumbnail, caption = self.card(updated)
         files = [removed.picture] if removed.picture else []
         return updated, chat_messages(updated), textbox_ready({"text": removed.question, "files": files}), \

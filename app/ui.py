@@ -99,11 +99,13 @@ def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
         answering = {"api_visibility": "private", "concurrency_id": "answer",
                      "concurrency_limit": config.max_batch, "show_progress": "minimal"}
 
-        submitted = textbox.submit(handlers.submit, [conversation, textbox], [*shown, textbox, *card], **quick)
+        checked = textbox.submit(handlers.check_message, [conversation, textbox], None, **quick)
+        submitted = checked.success(handlers.submit, [conversation, textbox], [*shown, textbox, *card], **quick)
         submit_answer = submitted.success(handlers.answer, [conversation, *settings], shown, **answering)
         submit_answer.then(textbox_ready, None, textbox, **quick)
 
-        retried = retry_button.click(handlers.retry, conversation, [*shown, textbox], **quick)
+        retry_checked = retry_button.click(handlers.check_retry, conversation, None, **quick)
+        retried = retry_checked.success(handlers.retry, conversation, [*shown, textbox], **quick)
         retry_answer = retried.success(handlers.answer, [conversation, *settings], shown, **answering)
         retry_answer.then(textbox_ready, None, textbox, **quick)
 

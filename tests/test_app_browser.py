@@ -98,9 +98,11 @@ def wait_until_answered(page: Page, count: int = 1) -> None:
 def set_settings(page: Page, **values: str) -> None:
     page.locator("#settings").get_by_text("Generation settings").click()
     for name, value in values.items():
-        field = page.locator(f"#{name.replace('_', '-')} input[type=number]")
-        field.fill(value)
-        field.press("Enter")
+        field = page.locator(f"#{name.replace('_', '-')}")
+        field.locator("input[type=number]").fill(value)
+        field.locator("input[type=number]").press("Tab")
+        if field.locator("input[type=range]").count():  # a slider: wait until it took the value
+            expect(field.locator("input[type=range]")).to_have_value(value)
 
 
 def record_answer_texts(page: Page) -> None:
@@ -113,6 +115,17 @@ def record_answer_texts(page: Page) -> None:
             if (text && text !== window.seen[window.seen.length - 1]) window.seen.push(text);
         }).observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true});
     }""")
+
+
+def assert_in_sight(locator) -> None:
+    """The element is on screen and nothing (an error overlay, say) covers its centre."""
+    locator.scroll_into_view_if_needed()
+    seen = locator.evaluate("""element => {
+        const box = element.getBoundingClientRect();
+        const top = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2);
+        return top !== null && (element === top || element.contains(top));
+    }""")
+    assert seen, f"{locator} is covered by another element"
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -156,11 +169,12 @@ def test_stop_ends_a_long_answer_and_keeps_what_was_written(open_page, talkative
     set_settings(page, max_new_tokens=LONG_BUDGET)
     send(page, "Write a long story about the sea.")
     expect(answers(page)).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
-    page.wait_for_timeout(500)
+    page.locator("#message textarea").fill("A shorter one, please.")  # typing the next question meanwhile
     screenshot(page, "03-streaming")
     page.locator("#message .stop-button").click()
     wait_until_answered(page)
     expect(figures(page).last).to_contain_text("stopped")
+    expect(page.locator("#message textarea")).to_have_value("A shorter one, please.")
     kept = answers(page).last.inner_text()
     page.wait_for_timeout(1000)
     assert answers(page).last.inner_text() == kept, "nothing may be added to an answer after Stop"
@@ -241,7 +255,8 @@ def test_a_bad_file_shows_an_error_and_the_history_stays(open_page, pictures):
     toast = page.locator("[data-testid=toast-body].error")
     expect(toast).to_contain_text(re.compile("broken.png (is not an image|could not be decoded)"))
     assert "/tmp/" not in toast.inner_text(), "the error should name the file, not its upload path"
-    expect(page.locator("#chat [data-testid=user]").filter(has_text="What color is the shape?")).to_have_count(1)
+    assert_in_sight(page.locator("#chat [data-testid=user]").filter(has_text="What color is the shape?"))
+    assert_in_sight(answers(page).last)
     expect(answers(page)).to_have_count(1)
     expect(page.locator("#message textarea")).to_have_value("And this one?")
     screenshot(page, "05-bad-file")
