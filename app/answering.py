@@ -63,10 +63,6 @@ class RunningAnswers:
         running.done.wait(wait_s)
         return True
 
-    def is_running(self, session: str) -> bool:
-        with self._lock:
-            return session in self._running
-
 
 def settings_from(max_new_tokens: float, temperature: float, top_p: float, top_k: float = 0,
                   repetition_penalty: float = 1.0, seed: float | None = None, *,
