@@ -96,13 +96,25 @@ def wait_until_answered(page: Page, count: int = 1) -> None:
 
 
 def set_settings(page: Page, **values: str) -> None:
+    """Open Generation settings and move the sliders (or type the numbers) to `values`.
+
+    Sliders that have just been revealed may still take their initial value from the page a moment
+    later, so each value is set until it holds for half a second.
+    """
     page.locator("#settings").get_by_text("Generation settings").click()
     for name, value in values.items():
         field = page.locator(f"#{name.replace('_', '-')}")
-        field.locator("input[type=number]").fill(value)
-        field.locator("input[type=number]").press("Tab")
-        if field.locator("input[type=range]").count():  # a slider: wait until it took the value
-            expect(field.locator("input[type=range]")).to_have_value(value)
+        slider, number = field.locator("input[type=range]"), field.locator("input[type=number]")
+        for _ in range(5):
+            if slider.count():
+                slider.fill(value)
+            else:
+                number.fill(value)
+                number.press("Tab")
+            page.wait_for_timeout(500)
+            if number.input_value() == value and (not slider.count() or slider.input_value() == value):
+                break
+        expect(number).to_have_value(value)
 
 
 def record_answer_texts(page: Page) -> None:
