@@ -19,6 +19,7 @@ from .sampling import SamplingConfig, process_logits, select_next_tokens
 
 log = logging.getLogger(__name__)
 
+CAPACITY_BUCKET = 256
 IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
 
@@ -171,17 +172,20 @@ class GenerationMixin:
             generator = torch.Generator(device=device).manual_seed(seed)
 
         total = prompt_len + max_new_tokens
+        step_fn = self._decode_step_fn(device, compile)
+        # A compiled step is specialised to the cache length: round it up so that prompts of
+        # other lengths reuse the compiled code instead of compiling again.
+        capacity = -(-total // CAPACITY_BUCKET) * CAPACITY_BUCKET if step_fn is not decode_step else total
         ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
         ids[:, :prompt_len] = input_ids
-        mask = torch.ones(batch, total, dtype=torch.long, device=device)
+        mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
         if attention_mask is not None:
             mask[:, :prompt_len] = attention_mask.to(device)
         padded = attention_mask is not None and not bool(attention_mask.all())
         positions = position_ids_from_mask(mask[:, :prompt_len])
         eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        cache = StaticCache(len(self._decoder_layers()), capacity=total, padding=mask)
-        step_fn = self._decode_step_fn(device, compile)
+        cache = StaticCache(len(self._decoder_layers()), capacity=capacity, padding=mask)
 
         if streamer is not None:
             streamer.put(input_ids.cpu())

@@ -123,6 +123,9 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
                                  "Check that it really is an image file.") from None
         except Image.DecompressionBombError:
             image = None
+        except (OSError, SyntaxError, ValueError) as error:  # e.g. a header cut short
+            raise ImageLoadError(f"{name} could not be read ({error}); the file is probably truncated or "
+                                 "corrupt. Re-save or re-download it.") from None
         if image is None:
             raise ImageLoadError(f"{name} declares more pixels than PIL will decode (a guard against decompression "
                                  "bombs). Shrink the image before sending it.")

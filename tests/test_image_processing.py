@@ -264,6 +264,13 @@ def test_truncated_file_is_refused(tmp_path, fmt):
         load_image(tmp_path / "cut")
 
 
+def test_file_cut_inside_its_header_is_refused(tmp_path):
+    data = (saved(pil(60, 50), tmp_path / "full.png", format="PNG")).read_bytes()
+    (tmp_path / "cut").write_bytes(data[:22])  # PIL's PNG reader raises OSError while opening this one
+    with pytest.raises(ImageLoadError, match="truncated or corrupt"):
+        load_image(tmp_path / "cut")
+
+
 def test_image_over_the_pixel_limit_is_refused_from_the_header(tmp_path):
     (tmp_path / "big.png").write_bytes(png_header_only(12000, 11000))  # 132 MP: ours refuses, PIL would decode
     with pytest.raises(ImageLoadError, match="132 megapixels, over the limit.*decompression bombs"):
