@@ -205,8 +205,9 @@ class SlotCache:
                 cache.values = torch.zeros(kv, dtype=dtype, device=device)
             self.layers.append(cache)
         xkv = (num_slots, cfg.num_key_value_heads, self.vision_tokens, cfg.head_dim)
-        self.cross_keys = {i: torch.zeros(xkv, dtype=dtype, device=_layer_device(text.layers[i], weight.device)) for i in self.cross_layers}
-        self.cross_values = {i: torch.zeros_like(t) for i, t in self.cross_keys.items()}
+        self.all_cross_keys = {i: torch.zeros(xkv, dtype=dtype, device=_layer_device(text.layers[i], weight.device)) for i in self.cross_layers}
+        self.all_cross_values = {i: torch.zeros_like(t) for i, t in self.all_cross_keys.items()}
+        self.cross_keys, self.cross_values = self.all_cross_keys, self.all_cross_values  # views of the step's slots
         self.cross_additive = torch.zeros(num_slots, 1, 1, self.vision_tokens, dtype=dtype, device=weight.device)
         self.cross_rows = torch.zeros(num_slots, 1, 1, 1, dtype=dtype, device=weight.device)
         self.lengths = [0] * num_slots  # host mirror: no device sync to size a step
@@ -215,7 +216,7 @@ class SlotCache:
 
     @property
     def has_images(self) -> bool:
-        return bool(self.image_slots)
+        return any(slot < self.step_slots for slot in self.image_slots)
 
     @property
     def seen(self) -> int:
@@ -232,8 +233,8 @@ class SlotCache:
         if prefilled.has_images:
             for i in self.cross_layers:
                 n = prefilled.cross_keys[i].shape[2]
-                self.cross_keys[i][slot, :, :n] = prefilled.cross_keys[i][0]
-                self.cross_values[i][slot, :, :n] = prefilled.cross_values[i][0]
+                self.all_cross_keys[i][slot, :, :n] = prefilled.cross_keys[i][0]
+                self.all_cross_values[i][slot, :, :n] = prefilled.cross_values[i][0]
             additive, rows = prepare_cross_attention_mask(prefilled.cross_mask_row[:1], num_vision_tokens, self.cross_additive.dtype)
             self.cross_additive[slot] = additive[0].to(self.cross_additive.device)
             self.cross_rows[slot] = rows[0].to(self.cross_rows.device)
@@ -263,13 +264,22 @@ class SlotCache:
         rows, index = self._slots.to(layer.keys.device), self._write_index.to(layer.keys.device)
         layer.keys[rows, :, index] = keys[:, :, 0]
         layer.values[rows, :, index] = values[:, :, 0]
-        return layer.keys[:, :, : self._span], layer.values[:, :, : self._span]
+        n = len(self._slots)
+        return layer.keys[:n, :, : self._span], layer.values[:n, :, : self._span]
+
+    @property
+    def step_slots(self) -> int:
+        """A step runs slots [0, n): up to the highest busy one (requests take the lowest free slot)."""
+        return max(self.active) + 1 if self.active else 0
 
     def begin_step(self, device: torch.device) -> torch.Tensor:
-        """Prepare a decode step over all slots; returns the positions (S, 1) of the new tokens."""
-        self._slots = torch.arange(self.num_slots, device=device)
-        self._write_index = torch.tensor(self.lengths, device=device)
-        self._span = max(self.lengths) + 1
+        """Prepare a decode step over slots [0, step_slots); returns the positions (n, 1) of the new tokens."""
+        n = self.step_slots
+        self._slots = torch.arange(n, device=device)
+        self._write_index = torch.tensor(self.lengths[:n], device=device)
+        self._span = max(self.lengths[:n]) + 1
+        self.cross_keys = {i: t[:n] for i, t in self.all_cross_keys.items()}
+        self.cross_values = {i: t[:n] for i, t in self.all_cross_values.items()}
         return self._write_index[:, None]
 
     def self_attention_mask(self, attention_mask, q_len, dtype, device) -> torch.Tensor:
@@ -279,7 +289,8 @@ class SlotCache:
         return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None, None, :]
 
     def cross_masks(self, q_len: int, num_vision_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cross_additive, self.cross_rows
+        n = len(self._slots)
+        return self.cross_additive[:n], self.cross_rows[:n]
 
     def advance(self, q_len: int) -> None:
         for slot in self.active:

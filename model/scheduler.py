@@ -269,11 +269,11 @@ class Scheduler:
                 self._finish(request, "cancelled")
         if self.active == 0:
             return
-        tokens = torch.zeros(len(self.slots), dtype=torch.long)
+        positions = self.cache.begin_step(self.device)
+        tokens = torch.zeros(positions.shape[0], dtype=torch.long)
         for request in self.slots:
             if request is not None:
                 tokens[request.slot] = request.tokens[-1]
-        positions = self.cache.begin_step(self.device)
         try:
             logits = self.model(
                 input_ids=tokens.to(self.device)[:, None],
