@@ -50,18 +50,23 @@ def reply(engine, messages, settings=GREEDY, **kwargs) -> tuple[str, ReplyStats]
     return "".join(items[:-1]), items[-1]
 
 
-def test_eight_simultaneous_requests_give_their_solo_answers(engine):
-    convs = [conversation(seed) for seed in range(8)]
-    alone = [reply(engine, c)[0] for c in convs]
-    assert len(set(alone)) > 1, "different pictures and prompts should give different answers"
-    barrier = threading.Barrier(8)
+def replies_at_once(engine, convs) -> list[str]:
+    """All conversations submitted at the same moment, one thread each."""
+    barrier = threading.Barrier(len(convs))
 
     def together(c):
         barrier.wait()
         return reply(engine, c)[0]
 
-    with ThreadPoolExecutor(8) as pool:
-        assert list(pool.map(together, convs)) == alone
+    with ThreadPoolExecutor(len(convs)) as pool:
+        return list(pool.map(together, convs))
+
+
+def test_eight_simultaneous_requests_give_their_solo_answers(engine):
+    convs = [conversation(seed) for seed in range(8)]
+    alone = [reply(engine, c)[0] for c in convs]
+    assert len(set(alone)) > 1, "different pictures and prompts should give different answers"
+    assert replies_at_once(engine, convs) == alone
 
 
 def test_cancelling_one_request_leaves_the_others_alone(engine):
@@ -231,13 +236,6 @@ def test_tiny_model_answers_eight_users_at_once_as_it_answers_each_alone():
             convs.append([{"role": "user", "content": [{"type": "image", "image": sample.image},
                                                        {"type": "text", "text": text}]}])
         alone = [reply(engine, c)[0] for c in convs]
-        barrier = threading.Barrier(8)
-
-        def together(c):
-            barrier.wait()
-            return reply(engine, c)[0]
-
-        with ThreadPoolExecutor(8) as pool:
-            assert list(pool.map(together, convs)) == alone
+        assert replies_at_once(engine, convs) == alone
     finally:
         engine.close()
