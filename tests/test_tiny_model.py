@@ -82,19 +82,18 @@ def test_checkpoint_is_complete_and_small():
     assert size < 15 * 2**20, f"assets/tiny-mllama is {size / 2**20:.1f} MB; the budget is 15 MB"
 
 
-# Known gap, issue 5 still open: the shipped checkpoint counts 84.5 % of these pictures right (bar
-# 90 %; it was still improving when its 20-minute run ended). strict: passing again fails the run,
-# so the marks go as soon as a retrained checkpoint meets the bar.
-COUNT_GAP = pytest.mark.xfail(strict=True, reason="issue 5 open: the shipped tiny model counts 84.5% right, bar 90%")
+# Known gap, issue 5 still open: as a follow-up question after a colour question, the shipped
+# checkpoint counts 53 of 60 pictures right (bar 90 %). strict: passing again fails the run, so the
+# mark goes as soon as a retrained checkpoint meets the bar.
+COUNT_GAP = pytest.mark.xfail(strict=True, reason="issue 5 open: follow-up count 53/60 right, bar 90%")
 
 
-@pytest.mark.parametrize("task, bar", [("color", 0.97), ("shape", 0.90), pytest.param("count", 0.90, marks=COUNT_GAP)])
+@pytest.mark.parametrize("task, bar", [("color", 0.97), ("shape", 0.90), ("count", 0.90)])
 def test_answers_about_fresh_pictures_are_right(tiny, fresh_samples, task, bar):
     score, wrong = accuracy(tiny, fresh_samples, task)
     assert score >= bar, f"{task}: {score:.1%} right on 200 fresh pictures (bar {bar:.0%}); wrong: {wrong[:10]}"
 
 
-@COUNT_GAP
 def test_description_names_count_colour_and_shape(tiny, fresh_samples):
     score, wrong = accuracy(tiny, fresh_samples, "describe")
     assert score >= 0.85, f"describe: {score:.1%} exactly right on 200 fresh pictures; wrong: {wrong[:10]}"
