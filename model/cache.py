@@ -110,6 +110,9 @@ class MllamaCache:
     def has_images(self) -> bool:
         return bool(self.cross_keys)
 
+    def store_cross(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.cross_keys[layer_idx], self.cross_values[layer_idx] = keys, values
+
     def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
         if layer.keys is None and self.capacity:
@@ -139,6 +142,9 @@ class StaticCache(MllamaCache):
 
     `padding` (B, capacity) marks real tokens (0 for left padding). `write_index` (a 1-element
     device tensor) is the next position to write; the text model advances it in place.
+
+    A cache can serve request after request (`reset`): every tensor a decode step reads keeps its
+    address, since new values are copied in, so a CUDA graph captured on it stays valid.
     """
 
     def __init__(self, num_layers: int, capacity: int, padding: torch.Tensor) -> None:
@@ -146,6 +152,29 @@ class StaticCache(MllamaCache):
         self.padding = padding.bool()
         self.write_index = torch.zeros(1, dtype=torch.long, device=padding.device)
         self.key_positions = torch.arange(capacity, device=padding.device)
+        self.decode_graphs: dict = {}  # captured decode steps over these tensors (model/compiled_step.py)
+
+    def checkpoint(self) -> tuple[torch.Tensor, int]:
+        return self.write_index.clone(), self.seen
+
+    def rewind(self, state: tuple[torch.Tensor, int]) -> None:
+        """Back to a checkpoint: K/V written since then stay, masked until overwritten."""
+        self.write_index.copy_(state[0])
+        self.seen = state[1]
+
+    def reset(self, padding: torch.Tensor) -> None:
+        """Start a new request of the same shapes; the buffers are kept and overwritten."""
+        self.padding.copy_(padding.bool())
+        self.write_index.zero_()
+        self.seen = 0
+
+    def store_cross(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        old = self.cross_keys.get(layer_idx)
+        if old is None or old.shape != keys.shape:
+            super().store_cross(layer_idx, keys, values)
+            return
+        old.copy_(keys)
+        self.cross_values[layer_idx].copy_(values)
 
     def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
@@ -164,7 +193,13 @@ class StaticCache(MllamaCache):
 
     def set_cross_mask_row(self, row: torch.Tensor, num_vision_tokens: int, dtype: torch.dtype) -> None:
         super().set_cross_mask_row(row, num_vision_tokens, dtype)
-        self._decode_cross_masks = super().cross_masks(1, num_vision_tokens, dtype)  # the same every step
+        masks = super().cross_masks(1, num_vision_tokens, dtype)  # the same at every step
+        old = getattr(self, "_decode_cross_masks", None)
+        if old is not None and all(a.shape == b.shape for a, b in zip(old, masks)):
+            for a, b in zip(old, masks):
+                a.copy_(b)
+        else:
+            self._decode_cross_masks = masks
 
     def cross_masks(self, q_len: int, num_vision_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if q_len != 1:
@@ -181,12 +216,16 @@ class SlotCache:
     """Preallocated caches for `num_slots` independent sequences of up to `capacity` tokens.
 
     Each slot holds one request: its self-attention K/V rows, its own length, and its image's
-    cross-attention K/V (zeros and a closed row mask for text-only requests, which Meta's
-    semantics turn into an identity layer). Decode steps run all slots at once; `active` rows
-    are the only ones whose results are used.
+    cross-attention K/V (zero values and a closed row mask for text-only requests, which makes
+    the cross layer an identity). Decode steps run all slots at once; `active` rows are the only
+    ones whose results are used.
+
+    `static=True` gives every step fixed shapes, for torch.compile and CUDA graphs: a step runs a
+    power-of-two bucket of slots, attends over the whole capacity (unused positions masked),
+    always runs the cross layers, and reads its write positions from a buffer that never moves.
     """
 
-    def __init__(self, model, num_slots: int, capacity: int) -> None:
+    def __init__(self, model, num_slots: int, capacity: int, static: bool = False) -> None:
         text = model.language_model.model
         cfg = model.config.text_config
         vcfg = model.config.vision_config
@@ -213,10 +252,14 @@ class SlotCache:
         self.lengths = [0] * num_slots  # host mirror: no device sync to size a step
         self.active: set[int] = set()
         self.image_slots: set[int] = set()
+        self.static = static
+        self.slot_ids = torch.arange(num_slots, device=weight.device)
+        self.write_positions = torch.zeros(num_slots, dtype=torch.long, device=weight.device)
+        self.decode_graphs: dict = {}  # per bucket (model/compiled_step.py)
 
     @property
     def has_images(self) -> bool:
-        return any(slot < self.step_slots for slot in self.image_slots)
+        return self.static or any(slot < self.step_slots for slot in self.image_slots)
 
     @property
     def seen(self) -> int:
@@ -240,6 +283,8 @@ class SlotCache:
             self.cross_rows[slot] = rows[0].to(self.cross_rows.device)
             self.image_slots.add(slot)
         else:
+            for values in self.all_cross_values.values():
+                values[slot] = 0  # a stale picture must not leak in when the cross layers run anyway
             self.cross_additive[slot] = 0
             self.cross_rows[slot] = 0
             self.image_slots.discard(slot)
@@ -269,15 +314,20 @@ class SlotCache:
 
     @property
     def step_slots(self) -> int:
-        """A step runs slots [0, n): up to the highest busy one (requests take the lowest free slot)."""
-        return max(self.active) + 1 if self.active else 0
+        """A step runs slots [0, n): up to the highest busy one (requests take the lowest free
+        slot); with static shapes, the next power of two."""
+        n = max(self.active) + 1 if self.active else 0
+        if self.static and n:
+            n = min(1 << (n - 1).bit_length(), self.num_slots)
+        return n
 
     def begin_step(self, device: torch.device) -> torch.Tensor:
         """Prepare a decode step over slots [0, step_slots); returns the positions (n, 1) of the new tokens."""
         n = self.step_slots
-        self._slots = torch.arange(n, device=device)
-        self._write_index = torch.tensor(self.lengths[:n], device=device)
-        self._span = max(self.lengths[:n]) + 1
+        self._slots = self.slot_ids[:n]
+        self._write_index = self.write_positions[:n]
+        self._write_index.copy_(torch.tensor(self.lengths[:n]))
+        self._span = self.capacity if self.static else max(self.lengths[:n]) + 1
         self.cross_keys = {i: t[:n] for i, t in self.all_cross_keys.items()}
         self.cross_values = {i: t[:n] for i, t in self.all_cross_values.items()}
         return self._write_index[:, None]
@@ -293,8 +343,18 @@ class SlotCache:
         return self.cross_additive[:n], self.cross_rows[:n]
 
     def advance(self, q_len: int) -> None:
+        """Nothing here: a compiled or captured step must not touch host state; the scheduler
+        calls `end_step` after each step."""
+
+    def end_step(self) -> None:
         for slot in self.active:
-            self.lengths[slot] += q_len
+            self.lengths[slot] += 1
+
+    def checkpoint(self) -> None:
+        return None  # a step's write positions come from the host lengths, which it leaves alone
+
+    def rewind(self, state: None) -> None:
+        pass  # repeating a step rewrites the same K/V rows
 
 
 def _layer_device(layer: torch.nn.Module, default: torch.device) -> torch.device:

@@ -85,14 +85,19 @@ class EngineInfo:
 
 class ChatEngine:
     def __init__(self, model, processor, model_id: str, *, max_batch: int, queue_size: int, context_tokens: int,
-                 generation_config: dict | None = None) -> None:
+                 generation_config: dict | None = None, compile: bool | None = None) -> None:
+        """`compile`: decode with fixed shapes through torch.compile (and CUDA graphs on one GPU);
+        None means MLLAMA_COMPILE=1 in the environment. Each batch bucket compiles on first use."""
         self.model = model
         self.processor = processor
         generation_config = generation_config or {}
         self.eos = _as_list(generation_config.get("eos_token_id", model.config.text_config.eos_token_id))
         limit = model.config.text_config.max_position_embeddings
         self.context_tokens = min(context_tokens, limit)
-        self.scheduler = Scheduler(model, max_batch=max_batch, capacity=self.context_tokens, queue_size=queue_size)
+        if compile is None:
+            compile = os.environ.get("MLLAMA_COMPILE") == "1"
+        self.scheduler = Scheduler(model, max_batch=max_batch, capacity=self.context_tokens, queue_size=queue_size,
+                                   compile=compile)
         image = processor.image_processor
         self.info = EngineInfo(
             model_id=model_id,
@@ -106,7 +111,8 @@ class ChatEngine:
 
     @classmethod
     def load(cls, model: str = DEMO_MODEL, *, dtype: str | torch.dtype = "auto", device_map: Any = None,
-             max_batch: int = 8, queue_size: int = 32, context_tokens: int = 4096) -> "ChatEngine":
+             max_batch: int = 8, queue_size: int = 32, context_tokens: int = 4096,
+             compile: bool | None = None) -> "ChatEngine":
         """Load a checkpoint folder or hub id (blocking; progress goes to the log)."""
         start = time.perf_counter()
         folder = resolve_checkpoint(model, allow_patterns=CHECKPOINT_FILES)
@@ -115,7 +121,7 @@ class ChatEngine:
         network = MllamaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device_map)
         generation_config = _read_json(os.path.join(folder, "generation_config.json"))
         engine = cls(network, processor, model, max_batch=max_batch, queue_size=queue_size,
-                     context_tokens=context_tokens, generation_config=generation_config)
+                     context_tokens=context_tokens, generation_config=generation_config, compile=compile)
         log.info("loaded %s in %.1f s", model, time.perf_counter() - start)
         return engine
 

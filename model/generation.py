@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import torch
 
 from .cache import MllamaCache, StaticCache
+from .compiled_step import accelerated
 from .sampling import SamplingConfig, process_logits, select_next_tokens
 
 log = logging.getLogger(__name__)
 
 CAPACITY_BUCKET = 256
+KEPT_DECODE_CACHES = 2  # compiled decoding keeps this many caches (and their CUDA graphs) for reuse
 IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
 
@@ -66,26 +69,6 @@ def decode_step(model, cache: StaticCache, tokens: torch.Tensor, positions: torc
         logits_to_keep=1,
     )
     return out.logits[:, -1]
-
-
-def _with_eager_fallback(compiled):
-    """Compilation needs a working compiler toolchain; without one, decode eagerly (tracing
-    fails before the step mutates the cache, so the eager retry is exact)."""
-    state = {"fn": compiled, "compiled_once": False}
-
-    def step(*args):
-        if state["compiled_once"]:
-            return state["fn"](*args)
-        try:
-            out = state["fn"](*args)
-        except Exception as error:  # torch._dynamo / inductor errors have no common public base
-            log.warning("torch.compile failed (%s); decoding eagerly", str(error).splitlines()[0][:200])
-            state["fn"] = decode_step
-            out = decode_step(*args)
-        state["compiled_once"] = True
-        return out
-
-    return step
 
 
 def _stopped(stop: threading.Event | None, streamer: Streamer | None) -> bool:
@@ -173,9 +156,10 @@ class GenerationMixin:
 
         total = prompt_len + max_new_tokens
         step_fn = self._decode_step_fn(device, compile)
+        compiled = step_fn is not decode_step
         # A compiled step is specialised to the cache length: round it up so that prompts of
-        # other lengths reuse the compiled code instead of compiling again.
-        capacity = -(-total // CAPACITY_BUCKET) * CAPACITY_BUCKET if step_fn is not decode_step else total
+        # other lengths reuse the compiled code (and the cache with its CUDA graph).
+        capacity = -(-total // CAPACITY_BUCKET) * CAPACITY_BUCKET if compiled else total
         ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
         ids[:, :prompt_len] = input_ids
         mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
@@ -185,7 +169,11 @@ class GenerationMixin:
         positions = position_ids_from_mask(mask[:, :prompt_len])
         eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        cache = StaticCache(len(self._decoder_layers()), capacity=capacity, padding=mask)
+        if compiled:
+            cache_key = (batch, capacity, tuple(images["pixel_values"].shape[1:3]) if "pixel_values" in images else None)
+            cache = self._take_decode_cache(cache_key, mask)
+        else:
+            cache = StaticCache(len(self._decoder_layers()), capacity=capacity, padding=mask)
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -218,6 +206,8 @@ class GenerationMixin:
         finally:
             if streamer is not None:
                 streamer.end()
+            if compiled:
+                self._return_decode_cache(cache_key, cache)
         return ids[:, :length]
 
     def _decode_step_fn(self, device: torch.device, compile: bool | None):
@@ -226,11 +216,29 @@ class GenerationMixin:
         if not compile:
             return decode_step
         if getattr(self, "hf_device_map", None) and len(set(self.hf_device_map.values())) > 1:
-            return decode_step  # graphs only where the whole model sits on one device
-        if getattr(self, "_compiled_decode_step", None) is None:
-            mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
-            self._compiled_decode_step = _with_eager_fallback(torch.compile(decode_step, mode=mode, dynamic=False))
-        return self._compiled_decode_step
+            return decode_step  # compiled graphs only where the whole model sits on one device
+        steps = self.__dict__.setdefault("_compiled_decode_steps", {})
+        if device.type not in steps:
+            steps[device.type] = accelerated(decode_step, device)
+        return steps[device.type]
+
+    def _take_decode_cache(self, key: tuple, padding: torch.Tensor) -> StaticCache:
+        """A kept cache of these shapes (with its CUDA graph), or a new one. A cache is taken
+        out of the pool while a generation uses it, so concurrent calls never share one."""
+        pool = self.__dict__.setdefault("_decode_caches", OrderedDict())
+        lock = self.__dict__.setdefault("_decode_caches_lock", threading.Lock())
+        with lock:
+            cache = pool.pop(key, None)
+        if cache is None:
+            return StaticCache(len(self._decoder_layers()), capacity=key[1], padding=padding)
+        cache.reset(padding)
+        return cache
+
+    def _return_decode_cache(self, key: tuple, cache: StaticCache) -> None:
+        with self._decode_caches_lock:
+            self._decode_caches[key] = cache
+            while len(self._decode_caches) > KEPT_DECODE_CACHES:
+                self._decode_caches.popitem(last=False)
 
     def _decoder_layers(self) -> torch.nn.ModuleList:
         text = self.language_model.model if hasattr(self, "vision_model") else self.model

@@ -131,7 +131,6 @@ def _forward_multimodal(
     cache = past_key_values
     if cache is None and use_cache:
         cache = MllamaCache(len(text_model.layers))
-    past = cache.seen if cache is not None else 0
     q_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
 
     if pixel_values is not None:
@@ -166,6 +165,7 @@ def _forward_multimodal(
     else:
         if cross_attention_mask.shape[1] != q_len:
             # A mask over the whole sequence so far (transformers' calling convention).
+            past = cache.seen if cache is not None else 0
             cross_attention_mask = cross_attention_mask[:, past : past + q_len]
         if isinstance(cache, MllamaCache):
             cache.set_cross_mask_row(cross_attention_mask[:, -1:], num_patches, dtype)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import MllamaCache, SlotCache
+from .compiled_step import accelerated
 from .sampling import SamplingConfig, process_logits, select_next_tokens
 
 log = logging.getLogger(__name__)
@@ -123,12 +124,29 @@ def image_key(inputs: dict) -> str | None:
     return digest.hexdigest()
 
 
+def batched_decode_step(model, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One token for each slot of the step: tokens (n,), positions (n, 1) -> logits (n, V)."""
+    out = model(input_ids=tokens[:, None], position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def decode_step_fn(model, compile: bool, device: torch.device):
+    """The batched step as it will run: eager; compiled (fixed shapes, one compilation per
+    bucket of slots); on a single GPU also replayed from CUDA graphs."""
+    if not compile:
+        return batched_decode_step
+    single_device = len(set((getattr(model, "hf_device_map", None) or {"": device}).values())) == 1
+    return accelerated(batched_decode_step, device, single_device)
+
+
 class Scheduler:
-    def __init__(self, model, max_batch: int, capacity: int, queue_size: int, sessions: int = 16) -> None:
+    def __init__(self, model, max_batch: int, capacity: int, queue_size: int, sessions: int = 16,
+                 compile: bool = False) -> None:
         self.model = model
         self.capacity = capacity
         self.device = model.language_model.model.embed_tokens.weight.device
-        self.cache = SlotCache(model, max_batch, capacity)
+        self.cache = SlotCache(model, max_batch, capacity, static=compile)
+        self._step = decode_step_fn(model, compile, self.device)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self.conversations = ConversationStore(sessions, max_tokens=sessions * capacity // 4)
@@ -275,17 +293,12 @@ class Scheduler:
             if request is not None:
                 tokens[request.slot] = request.tokens[-1]
         try:
-            logits = self.model(
-                input_ids=tokens.to(self.device)[:, None],
-                position_ids=positions,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            logits = self._step(self.model, self.cache, tokens.to(self.device), positions)
         except Exception as error:
             _recover_memory(error)
             self._fail_all(_explain(error))
             return
+        self.cache.end_step()
         picked = [(r, self._sample(r, logits[r.slot : r.slot + 1])) for r in self.slots if r is not None]
         chosen = torch.cat([t.reshape(1) for _, t in picked]).cpu()  # the step's one host sync
         for (request, _), token in zip(picked, chosen):

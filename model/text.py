@@ -188,8 +188,8 @@ class MllamaTextModel(MllamaPreTrainedModel):
         cache = past_key_values
         if cache is None and use_cache:
             cache = MllamaCache(len(self.layers))
-        past = cache.seen if cache is not None else 0
         if position_ids is None:
+            past = cache.seen if cache is not None else 0
             position_ids = torch.arange(past, past + q_len, device=x.device)[None].expand(batch, -1)
         rope = self.rotary_emb(x, position_ids)
         if cache is not None:
@@ -197,9 +197,6 @@ class MllamaTextModel(MllamaPreTrainedModel):
         else:
             mask = causal_mask(attention_mask, q_len, 0, x.dtype, x.device)
 
-        if cross_attention_states is not None and cache is not None:
-            cache.cross_keys.clear()
-            cache.cross_values.clear()
         for layer in self.layers:
             if isinstance(layer, MllamaSelfAttentionDecoderLayer):
                 x = layer(x, mask, rope, cache)
@@ -208,7 +205,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
             if cross_attention_states is not None:
                 keys, values = layer.cross_attn.project_states(cross_attention_states, batch)
                 if cache is not None:
-                    cache.cross_keys[i], cache.cross_values[i] = keys, values
+                    cache.store_cross(i, keys, values)  # every cross layer: the old image's K/V are all replaced
             elif cache is not None and i in cache.cross_keys:
                 keys, values = cache.cross_keys[i], cache.cross_values[i]
             else:

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine_checkpoint import write_engine_checkpoint
@@ -67,6 +68,32 @@ def test_eight_simultaneous_requests_give_their_solo_answers(engine):
     alone = [reply(engine, c)[0] for c in convs]
     assert len(set(alone)) > 1, "different pictures and prompts should give different answers"
     assert replies_at_once(engine, convs) == alone
+
+
+def test_compiled_fixed_shape_decoding_gives_the_eager_answers(engine, folder, caplog):
+    """The GPU configuration of the engine (fixed-shape slot buckets through torch.compile; on
+    a GPU also CUDA graphs) answers exactly like the eager engine, alone and together, with and
+    without pictures, and a follow-up still reuses the picture's K/V."""
+    convs = [conversation(seed, with_image=seed % 3 != 0) for seed in range(30, 36)]
+    alone = [reply(engine, c)[0] for c in convs]
+    compiled = ChatEngine.load(str(folder), max_batch=4, queue_size=16, context_tokens=256, compile=True)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        with caplog.at_level("WARNING"):
+            assert compiled.scheduler.cache.static
+            assert [reply(compiled, c)[0] for c in convs[:2]] == alone[:2]
+            assert replies_at_once(compiled, convs) == alone  # 6 requests, 4 slots: buckets 1, 2 and 4
+            first, follow = convs[1], convs[1] + [{"role": "assistant", "content": alone[1]},
+                                                  {"role": "user", "content": "how many"}]
+            runs = compiled.scheduler.vision_runs
+            reply(compiled, first, session_id="c")
+            assert reply(compiled, follow, session_id="c")[0] == reply(engine, follow)[0]
+            assert compiled.scheduler.vision_runs == runs + 1, "the follow-up must reuse the picture's K/V"
+        assert not [r for r in caplog.records if "compile failed" in r.getMessage()], "decoding fell back to eager"
+        compilations = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+        assert 1 <= compilations <= 3, f"one compilation per bucket of slots (1, 2, 4), got {compilations}"
+    finally:
+        compiled.close()
 
 
 def test_cancelling_one_request_leaves_the_others_alone(engine):

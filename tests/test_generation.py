@@ -117,15 +117,35 @@ def test_unknown_generate_argument_is_refused(pair):
         ours.generate(**make_inputs(hf, **CASES["text_only"]), max_new_tokns=3)
 
 
-def test_compiled_decode_gives_the_same_tokens(tmp_path):
-    """The fixed-shape decode step compiled with torch.compile (the GPU path also captures it
-    in CUDA graphs) must not change a single greedy token. (One variant: compiling is slow.)"""
+def test_compiled_decode_gives_the_same_tokens_and_reuses_its_cache(tmp_path, caplog):
+    """The fixed-shape decode step compiled with torch.compile (on a GPU also captured in a CUDA
+    graph that lives with the cache) must not change a single greedy token; request after request
+    it reuses one cache per shape, overwritten in place (what a captured graph needs), without
+    recompiling and without a graph break. (One variant: compiling is slow.)"""
     hf = build_hf_model(VARIANTS[0], seed=3)
     ours = MllamaForConditionalGeneration.from_pretrained(save_hf(hf, tmp_path), semantics="transformers")
-    inputs = make_inputs(hf, **CASES["left_padded_batch"])
-    eager = ours.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, compile=False)
-    compiled = ours.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, compile=True)
-    assert torch.equal(compiled, eager)
+    first = make_inputs(hf, **CASES["one_image"], seed=1)
+    second = make_inputs(hf, samples=[[ImageSpec(2, 4)]], length=13, seed=2)  # other picture and prompt, same shapes
+    requests = [make_inputs(hf, **CASES["left_padded_batch"]), first, make_inputs(hf, **CASES["text_only"]), second]
+
+    def run(inputs, compile):
+        return ours.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, compile=compile)
+
+    with caplog.at_level("WARNING"):
+        for i, inputs in enumerate(requests):
+            eager = run(inputs, compile=False)
+            if inputs is second:
+                kept = ours._decode_caches[(1, 256, tuple(first["pixel_values"].shape[1:3]))]
+                addresses = [layer.keys.data_ptr() for layer in kept.layers if layer.keys is not None]
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    compiled = run(inputs, compile=True)
+                assert ours._decode_caches[(1, 256, tuple(second["pixel_values"].shape[1:3]))] is kept
+                assert [layer.keys.data_ptr() for layer in kept.layers if layer.keys is not None] == addresses
+            else:
+                compiled = run(inputs, compile=True)
+            assert torch.equal(compiled, eager), f"request {i}"
+    assert not [r for r in caplog.records if "compile failed" in r.getMessage()], "the step fell back to eager"
+    assert len(ours._decode_caches) == 2, "compiled decoding keeps a bounded number of caches"
 
 
 def test_text_only_prompts_skip_the_cross_attention_layers(pair):
