@@ -35,6 +35,7 @@ class AppConfig:
     max_batch: int = 8           # answers generated at the same time
     queue_size: int = 32         # requests waiting beyond those
     auth: tuple[str, str] | None = None
+    compile: bool = False        # fixed-shape decoding through torch.compile (+ CUDA graphs on a GPU)
 
 
 # flag -> (environment variable, help)
@@ -52,7 +53,10 @@ _FLAGS = {
     "max_batch": ("MLLAMA_MAX_BATCH", "answers generated at the same time"),
     "queue_size": ("MLLAMA_QUEUE_SIZE", "requests that may wait beyond those; more get 'queue full'"),
     "auth": ("MLLAMA_AUTH", "require a login, given as USER:PASSWORD"),
+    "compile": ("MLLAMA_COMPILE", "decode through torch.compile, with CUDA graphs on a single GPU (faster "
+                                  "answers; each batch size compiles once, on first use, for up to minutes)"),
 }
+SWITCHES = ("share", "compile")  # flags without a value
 
 
 class ConfigError(ValueError):
@@ -84,6 +88,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         max_batch=_positive_int("max_batch", raw["max_batch"], defaults.max_batch),
         queue_size=_positive_int("queue_size", raw["queue_size"], defaults.queue_size),
         auth=_auth(raw["auth"]),
+        compile=_boolean("compile", raw["compile"]),
     )
 
 
@@ -115,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Every flag has an environment variable (shown in brackets); the flag wins.")
     for name, (variable, text) in _FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        if name == "share":
+        if name in SWITCHES:
             parser.add_argument(flag, action="store_true", help=f"{text} [{variable}]")
         else:
             parser.add_argument(flag, default=None, help=f"{text} [{variable}]")

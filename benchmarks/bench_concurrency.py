@@ -4,8 +4,13 @@ served one after another, through the engine's scheduler (the code path the app 
 Each request: a prompt of 64 tokens with one 4-tile image (a different random picture each),
 greedy, a fixed number of new tokens. Aggregate tokens/s = all new tokens / wall time, prefills
 included. Sequential = the same requests submitted one at a time to the same engine.
+Batched decode tokens/s = the tokens after each request's first / the time from the last first
+token to the last reply's end: the decode batch alone, all requests in it.
 
-Usage: python benchmarks/bench_concurrency.py [--preset medium|11b] [--new 64] [--levels 1,2,4,8,16]
+--compile runs the engine's fixed-shape decode (torch.compile; CUDA graphs on a GPU), as the app
+does with MLLAMA_COMPILE=1; every bucket is compiled and captured in a warm-up before timing.
+
+Usage: python benchmarks/bench_concurrency.py [--preset medium|11b] [--new 64] [--levels 1,2,4,8,16] [--compile]
 """
 from __future__ import annotations
 
@@ -27,11 +32,14 @@ class Sink:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error = None
+        self.first = self.last = None
 
     def put(self, value) -> None:
-        pass
+        if self.first is None:  # the scheduler has already read the token back: no sync needed
+            self.first = time.perf_counter()
 
     def end(self) -> None:
+        self.last = time.perf_counter()
         self.done.set()
 
     def put_error(self, exc) -> None:
@@ -43,6 +51,13 @@ def request(config, seed: int, new: int) -> Request:
     inputs = make_inputs(config, prompt_len=64, seed=seed)
     inputs.pop("attention_mask")
     return Request(inputs=inputs, sampling=SamplingConfig(), max_new_tokens=new, eos=[], streamer=Sink())
+
+
+def decode_rate(requests: list[Request]) -> float:
+    """Tokens after the first ones per second, from the last first token to the last end."""
+    start = max(r.streamer.first for r in requests)
+    end = max(r.streamer.last for r in requests)
+    return sum(len(r.tokens) - 1 for r in requests) / (end - start)
 
 
 def serve(scheduler: Scheduler, requests: list[Request], together: bool) -> float:
@@ -66,21 +81,26 @@ def main() -> None:
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--levels", default="1,2,4,8,16")
+    parser.add_argument("--compile", action="store_true", help="fixed-shape decode: torch.compile (+ CUDA graphs)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     _, ours = build_pair(args.preset)
     del _
-    scheduler = Scheduler(ours, max_batch=max(levels), capacity=64 + args.new + 8, queue_size=max(levels) + 1)
-    serve(scheduler, [request(ours.config, 0, 4)], together=True)  # warm-up
-    rows = [["concurrent requests", "sequential tok/s", "batched tok/s", "speed-up"]]
+    scheduler = Scheduler(ours, max_batch=max(levels), capacity=64 + args.new + 8, queue_size=max(levels) + 1,
+                          compile=args.compile)
+    for n in sorted({1, *levels}):  # warm-up: every batch size (compiles and captures each bucket)
+        serve(scheduler, [request(ours.config, i, 4) for i in range(n)], together=True)
+    rows = [["concurrent requests", "sequential tok/s", "batched tok/s", "speed-up", "batched decode tok/s"]]
     for n in levels:
         seq = serve(scheduler, [request(ours.config, i, args.new) for i in range(n)], together=False)
-        bat = serve(scheduler, [request(ours.config, i, args.new) for i in range(n)], together=True)
+        batch = [request(ours.config, i, args.new) for i in range(n)]
+        bat = serve(scheduler, batch, together=True)
         tokens = n * args.new
-        rows.append([str(n), f"{tokens / seq:.1f}", f"{tokens / bat:.1f}", f"{seq / bat:.2f}x"])
+        rows.append([str(n), f"{tokens / seq:.1f}", f"{tokens / bat:.1f}", f"{seq / bat:.2f}x", f"{decode_rate(batch):.1f}"])
         print(rows[-1], flush=True)
     scheduler.close()
-    print(f"continuous batching, preset {args.preset}, {args.new} new tokens per request, one 4-tile image each; {machine()}")
+    mode = "compiled fixed-shape decode" if args.compile else "eager decode"
+    print(f"continuous batching ({mode}), preset {args.preset}, {args.new} new tokens per request, one 4-tile image each; {machine()}")
     print(table(rows))
 
 

@@ -275,6 +275,14 @@ def test_spaces_style_environment_configures_the_app():
     assert (config.host, config.share, config.auth, config.device_map) == ("0.0.0.0", True, ("ada", "secret"), "auto")
 
 
+def test_compiled_decoding_is_a_switch_with_its_variable():
+    assert parse_config(["--model", "x/y"], {}).compile is False
+    assert parse_config(["--model", "x/y", "--compile"], {}).compile is True
+    assert parse_config(["--model", "x/y"], {"MLLAMA_COMPILE": "1"}).compile is True
+    with pytest.raises(ConfigError, match="MLLAMA_COMPILE is 'maybe'; use true or false"):
+        parse_config(["--model", "x/y"], {"MLLAMA_COMPILE": "maybe"})
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--port", "web"], "--port / GRADIO_SERVER_PORT is 'web'; pass a whole number"),
     (["--max-new-tokens", "0"], "pass a number of 1 or more"),

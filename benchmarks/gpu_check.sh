@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Everything this project checks and measures on a GPU, as one prepared run for a lent machine
+# (the device tool: `bash benchmarks/gpu_check.sh [stage ...]`, timeout about 590 s; logs in $OUT).
+# Stages, in order: tests (tests/test_gpu.py + the CUDA checks of the sampler, ~1 min),
+# generate (bench_generate --preset 11b: transformers, ours eager, ours compiled + CUDA graph;
+# the 11B decode step compiles for a minute or two), concurrency (bench_concurrency --preset 11b
+# --compile at 1 and 8 requests: one compilation per bucket). With no argument: all three.
+# Each stage has its own time limit, so one that hangs or fails leaves the others' logs.
+set -uo pipefail
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stages=${*:-tests generate concurrency}
+PRESET=${PRESET:-11b}  # PRESET=narrow: a dry run of the script on a CPU
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+for stage in $stages; do
+  start=$(date +%s)
+  case $stage in
+    tests) timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_sampling.py -k "gpu or graph or cuda" ;;
+    generate) timeout 300 python3 benchmarks/bench_generate.py --preset "$PRESET" --repeats 3 ;;
+    concurrency) timeout 300 python3 benchmarks/bench_concurrency.py --preset "$PRESET" --compile --levels 1,8 ;;
+    *) echo "unknown stage $stage"; false ;;
+  esac 2>&1 | tee "$OUT/$stage.log"
+  echo "== $stage: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
+done
