@@ -1,6 +1,6 @@
 """Train the embedded default checkpoint, assets/tiny-mllama: a tiny Mllama that looks at the picture.
 
-    python scripts/train_tiny.py --out assets/tiny-mllama --minutes 20   # the shipped run
+    python scripts/train_tiny.py --out assets/tiny-mllama --steps 10000 --pool 10000 --eval-every 1000  # the shipped run (~45 min)
     python scripts/train_tiny.py --out /tmp/x --steps 3 --pool 8 --eval 4  # a smoke run
 
 Data: scripts/synthetic.py pictures (1 to 3 shapes of one kind and colour). Each training sample
