@@ -53,11 +53,17 @@ class DecodeGraph:
         return self.logits
 
 
-def accelerated(step_fn: StepFn, device: torch.device, single_device: bool = True) -> StepFn:
-    """`step_fn` compiled (eager if compiling fails); on one CUDA device also run from CUDA graphs
-    (graphs need the whole model on the device they are captured on)."""
+def on_one_device(model) -> bool:
+    """Compiled steps and graphs are for a model that sits whole on one device (accelerate's
+    hooks between devices break a full graph)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return len(set(device_map.values())) <= 1
+
+
+def accelerated(step_fn: StepFn, device: torch.device) -> StepFn:
+    """`step_fn` compiled (eager if compiling fails); on a CUDA device also run from CUDA graphs."""
     step = with_eager_fallback(torch.compile(step_fn, dynamic=False, fullgraph=True), step_fn)
-    return graphed(step) if device.type == "cuda" and single_device else step
+    return graphed(step) if device.type == "cuda" else step
 
 
 def with_eager_fallback(compiled: StepFn, eager: StepFn) -> StepFn:

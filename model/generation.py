@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from .cache import MllamaCache, StaticCache
-from .compiled_step import accelerated
+from .compiled_step import accelerated, on_one_device
 from .sampling import SamplingConfig, process_logits, select_next_tokens
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,8 @@ class GenerationMixin:
             compile = os.environ.get("MLLAMA_COMPILE") == "1"
         if not compile:
             return decode_step
-        if getattr(self, "hf_device_map", None) and len(set(self.hf_device_map.values())) > 1:
-            return decode_step  # compiled graphs only where the whole model sits on one device
+        if not on_one_device(self):
+            return decode_step
         steps = self.__dict__.setdefault("_compiled_decode_steps", {})
         if device.type not in steps:
             steps[device.type] = accelerated(decode_step, device)

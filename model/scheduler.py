@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import MllamaCache, SlotCache
-from .compiled_step import accelerated
+from .compiled_step import accelerated, on_one_device
 from .sampling import SamplingConfig, process_logits, select_next_tokens
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,6 @@ def batched_decode_step(model, cache: SlotCache, tokens: torch.Tensor, positions
     return out.logits[:, -1]
 
 
-def decode_step_fn(model, compile: bool, device: torch.device):
-    """The batched step as it will run: eager; compiled (fixed shapes, one compilation per
-    bucket of slots); on a single GPU also replayed from CUDA graphs."""
-    if not compile:
-        return batched_decode_step
-    single_device = len(set((getattr(model, "hf_device_map", None) or {"": device}).values())) == 1
-    return accelerated(batched_decode_step, device, single_device)
 
 
 class Scheduler:
@@ -145,8 +138,10 @@ class Scheduler:
         self.model = model
         self.capacity = capacity
         self.device = model.language_model.model.embed_tokens.weight.device
+        # compile: fixed shapes, one compilation per bucket of slots; on a GPU also CUDA graphs.
+        compile = compile and on_one_device(model)
         self.cache = SlotCache(model, max_batch, capacity, static=compile)
-        self._step = decode_step_fn(model, compile, self.device)
+        self._step = accelerated(batched_decode_step, self.device) if compile else batched_decode_step
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self.conversations = ConversationStore(sessions, max_tokens=sessions * capacity // 4)

@@ -96,6 +96,21 @@ def test_compiled_fixed_shape_decoding_gives_the_eager_answers(engine, folder, c
         compiled.close()
 
 
+def test_a_model_spread_over_devices_decodes_eagerly_even_when_compile_is_asked(engine):
+    """Full-graph compilation and CUDA graphs need the whole model on one device."""
+    from model.scheduler import Scheduler, batched_decode_step
+
+    model = engine.model
+    assert "hf_device_map" not in model.__dict__, "the fixture's model sits on the CPU alone"
+    model.hf_device_map = {"language_model": "cpu", "vision_model": "disk"}
+    try:
+        scheduler = Scheduler(model, max_batch=2, capacity=64, queue_size=2, compile=True)
+        scheduler.close()
+        assert not scheduler.cache.static and scheduler._step is batched_decode_step
+    finally:
+        del model.hf_device_map
+
+
 def test_cancelling_one_request_leaves_the_others_alone(engine):
     convs = [conversation(seed) for seed in range(10, 14)]
     long = GenerationSettings(max_new_tokens=40, temperature=0)
