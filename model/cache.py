@@ -321,6 +321,11 @@ class SlotCache:
             n = min(1 << (n - 1).bit_length(), self.num_slots)
         return n
 
+    def buckets(self) -> list[int]:
+        """The step sizes static decoding uses: powers of two, then `num_slots`."""
+        sizes = [1 << i for i in range(self.num_slots.bit_length()) if 1 << i < self.num_slots]
+        return sizes + [self.num_slots]
+
     def begin_step(self, device: torch.device) -> torch.Tensor:
         """Prepare a decode step over slots [0, step_slots); returns the positions (n, 1) of the new tokens."""
         n = self.step_slots

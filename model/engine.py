@@ -87,7 +87,8 @@ class ChatEngine:
     def __init__(self, model, processor, model_id: str, *, max_batch: int, queue_size: int, context_tokens: int,
                  generation_config: dict | None = None, compile: bool | None = None) -> None:
         """`compile`: decode with fixed shapes through torch.compile (and CUDA graphs on one GPU);
-        None means MLLAMA_COMPILE=1 in the environment. Each batch bucket compiles on first use."""
+        None means MLLAMA_COMPILE=1 in the environment. Every batch bucket (1, 2, 4, ...,
+        max_batch) is compiled here, before serving: loading then takes longer (minutes for the 11B)."""
         self.model = model
         self.processor = processor
         generation_config = generation_config or {}
@@ -96,8 +97,10 @@ class ChatEngine:
         self.context_tokens = min(context_tokens, limit)
         if compile is None:
             compile = os.environ.get("MLLAMA_COMPILE") == "1"
+        # With compile, every batch bucket is compiled before the first user arrives.
+        warm_up_prompt = [model.config.text_config.bos_token_id or 0] * 8
         self.scheduler = Scheduler(model, max_batch=max_batch, capacity=self.context_tokens, queue_size=queue_size,
-                                   compile=compile)
+                                   compile=compile, warm_up_prompt=warm_up_prompt)
         image = processor.image_processor
         self.info = EngineInfo(
             model_id=model_id,

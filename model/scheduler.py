@@ -132,9 +132,27 @@ def batched_decode_step(model, cache: SlotCache, tokens: torch.Tensor, positions
 
 
 
+class _Discard:
+    """The streamer of a warm-up request."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def put(self, value) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def put_error(self, error: Exception) -> None:
+        self.error = error
+
+
 class Scheduler:
     def __init__(self, model, max_batch: int, capacity: int, queue_size: int, sessions: int = 16,
-                 compile: bool = False) -> None:
+                 compile: bool = False, warm_up_prompt: list[int] | None = None) -> None:
+        """`warm_up_prompt`: with `compile`, token ids to run once in every bucket of slots before
+        serving, so that compiling (and capturing CUDA graphs) never stalls a user."""
         self.model = model
         self.capacity = capacity
         self.device = model.language_model.model.embed_tokens.weight.device
@@ -148,6 +166,8 @@ class Scheduler:
         self.vision_runs = 0
         self.reused_tokens = 0
         self._closed = threading.Event()
+        if compile and warm_up_prompt:
+            self._warm_up(warm_up_prompt)
         self._thread = threading.Thread(target=self._serve, name="mllama-scheduler", daemon=True)
         self._thread.start()
 
@@ -180,6 +200,22 @@ class Scheduler:
         return sum(r is not None for r in self.slots)
 
     # --- the serving loop ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _warm_up(self, prompt: list[int]) -> None:
+        """Fill slots [0, n) for every bucket size n and decode two steps (before the serving thread starts)."""
+        for n in self.cache.buckets():
+            started = time.perf_counter()
+            requests = [Request(inputs={"input_ids": torch.tensor([prompt])}, sampling=SamplingConfig(),
+                                max_new_tokens=3, eos=[], streamer=_Discard()) for _ in range(n)]
+            for request in requests:
+                self._start(request)
+            while self.active:
+                self._decode_step()
+            error = next((r.streamer.error for r in requests if r.streamer.error is not None), None)
+            if error is not None:
+                raise EngineError(f"warming up the decoder for {n} requests at once failed: {error}") from error
+            log.info("decoding %d request(s) at once is ready (%.1f s)", n, time.perf_counter() - started)
 
     @torch.inference_mode()
     def _serve(self) -> None:
