@@ -1,0 +1,119 @@
+"""The CUDA-graph bookkeeping of model/compiled_step.py, run on the CPU with a stand-in for
+torch.cuda's graph API.
+
+A real graph records kernels once and replays them on the same buffers; the stand-in records the
+step as a call over DecodeGraph's static inputs and replays it by calling it again and copying
+the result into the output tensor of the capture. What this checks: inputs are copied into the
+static buffers before each replay, the warm-up and capture steps are rewound, one graph per batch
+size is kept and replayed request after request, and the consumers read a replay's output before
+the next one overwrites it. (Real capture and replay: tests/test_gpu.py, on a GPU.)
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import model.scheduler as scheduler_module
+from engine_checkpoint import write_engine_checkpoint
+from model import MllamaForConditionalGeneration
+from model.compiled_step import DecodeGraph, graphed
+from model.engine import ChatEngine
+from model.generation import decode_step
+from reference import VARIANTS, ImageSpec, build_hf_model, make_inputs, save_hf
+from test_engine import conversation, replies_at_once, reply
+
+
+class FakeGraph:
+    def __init__(self) -> None:
+        self.step = None
+        self.output: torch.Tensor | None = None
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.output.copy_(self.step())
+
+
+class FakeCuda:
+    """torch.cuda's stream and graph calls that DecodeGraph makes; `recording` is the graph
+    being captured."""
+
+    def __init__(self) -> None:
+        self.recording: FakeGraph | None = None
+        self.graphs: list[FakeGraph] = []
+
+    def install(self, monkeypatch) -> None:
+        class Stream:
+            def wait_stream(self, other) -> None:
+                pass
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+        monkeypatch.setattr(torch.cuda, "graph", self._capture)
+
+    @contextlib.contextmanager
+    def _capture(self, graph: FakeGraph):
+        self.recording = graph
+        try:
+            yield
+        finally:
+            self.recording = None
+            self.graphs.append(graph)
+
+    def recorded(self, step_fn):
+        """`step_fn`, recorded as the graph's work when called during a capture."""
+
+        def step(model, cache, tokens, positions):
+            out = step_fn(model, cache, tokens, positions)
+            if self.recording is not None:
+                self.recording.step = lambda: step_fn(model, cache, tokens, positions)
+                self.recording.output = out
+            return out
+
+        return step
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    return fake
+
+
+def test_graphed_generate_gives_the_eager_tokens_request_after_request(fake_cuda, tmp_path):
+    hf = build_hf_model(VARIANTS[0], seed=3)
+    ours = MllamaForConditionalGeneration.from_pretrained(save_hf(hf, tmp_path), semantics="transformers")
+    ours.__dict__["_compiled_decode_steps"] = {"cpu": graphed(fake_cuda.recorded(decode_step))}
+    requests = [make_inputs(hf, samples=[[ImageSpec(1, 2)]], length=9, seed=1),
+                make_inputs(hf, samples=[[ImageSpec(2, 4)]], length=13, seed=2),
+                make_inputs(hf, samples=[[]], length=7),
+                make_inputs(hf, samples=[[ImageSpec(2, 1)], [ImageSpec(1, 3)]], length=11, pad_left=[5, 0])]
+    for i, inputs in enumerate(requests):
+        eager = ours.generate(**inputs, max_new_tokens=15, do_sample=False, eos_token_id=None, compile=False)
+        graphed_run = ours.generate(**inputs, max_new_tokens=15, do_sample=False, eos_token_id=None, compile=True)
+        assert torch.equal(graphed_run, eager), f"request {i}: first difference at {(graphed_run != eager).nonzero()[:1].tolist()}"
+    # Picture, picture of the same shapes (replayed), text only, batch of two: three captures.
+    assert len(fake_cuda.graphs) == 3
+    assert all(isinstance(g, DecodeGraph) for c in ours._decode_caches.values() for g in c.decode_graphs.values())
+    assert fake_cuda.graphs[0].replays == 2 * 14, "both requests with a picture replay the first capture"
+
+
+def test_graphed_engine_answers_like_the_eager_engine(fake_cuda, monkeypatch, tmp_path):
+    monkeypatch.setattr(scheduler_module, "accelerated", lambda step, device: graphed(fake_cuda.recorded(step)))
+    folder = str(write_engine_checkpoint(tmp_path / "ck"))
+    eager = ChatEngine.load(folder, max_batch=4, queue_size=16, context_tokens=256, compile=False)
+    graphed_engine = ChatEngine.load(folder, max_batch=4, queue_size=16, context_tokens=256, compile=True)
+    try:
+        assert sorted(graphed_engine.scheduler.cache.decode_graphs) == [1, 2, 4], "one capture per bucket, while loading"
+        convs = [conversation(seed, with_image=seed % 3 != 0) for seed in range(50, 56)]
+        alone = [reply(eager, c)[0] for c in convs]
+        assert [reply(graphed_engine, c)[0] for c in convs[:2]] == alone[:2]
+        assert replies_at_once(graphed_engine, convs) == alone
+        assert len(fake_cuda.graphs) == 3, "serving replays the captured graphs, it captures none"
+    finally:
+        eager.close()
+        graphed_engine.close()
