@@ -90,6 +90,8 @@ def main() -> None:
                           compile=args.compile)
     for n in sorted({1, *levels}):  # warm-up: every batch size (compiles and captures each bucket)
         serve(scheduler, [request(ours.config, i, 4) for i in range(n)], together=True)
+    graphs = {n: type(g).__name__ for n, g in sorted(scheduler.cache.decode_graphs.items())}
+    print(f"decode graphs per bucket: {graphs or 'none'}", flush=True)
     rows = [["concurrent requests", "sequential tok/s", "batched tok/s", "speed-up", "batched decode tok/s"]]
     for n in levels:
         seq = serve(scheduler, [request(ours.config, i, args.new) for i in range(n)], together=False)

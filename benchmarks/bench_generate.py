@@ -66,6 +66,12 @@ def measure(model, inputs, new: int, repeats: int, **options) -> dict:
     return {"ttft": ttft, "decode_tok_s": (new - 1) / (total - ttft), "peak": memory.extra}
 
 
+def describe_graphs(model) -> str:
+    """What the compiled rows ran: CUDA graphs replayed, or the compiled step without them."""
+    kinds = [type(g).__name__ for c in getattr(model, "_decode_caches", {}).values() for g in c.decode_graphs.values()]
+    return f"CUDA graphs: {', '.join(kinds)}" if kinds else "no CUDA graphs (compiled step only)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="medium")
@@ -85,6 +91,7 @@ def main() -> None:
                "ours (eager)": measure(ours, inputs, args.new, args.repeats, compile=False)}
     if not args.no_compile:
         results["ours (compiled decode)"] = measure(ours, inputs, args.new, args.repeats, compile=True)
+        print(f"compiled decode: {describe_graphs(ours)}")
     what = "text only" if args.text_only else "one 4-tile image"
     print(f"generate, preset {args.preset}, batch 1, {what}, prompt {args.prompt}, {args.new} new tokens; {machine()}")
     base = results["transformers"]
