@@ -144,8 +144,6 @@ def test_layers_offloaded_to_disk_give_the_same_logits(tiny_hf_checkpoint, tmp_p
 
 
 def test_vision_and_cross_attention_layers_on_disk_give_the_same_image_logits(tiny_hf_checkpoint, tmp_path):
-    from reference import ImageSpec, make_inputs
-
     folder = tiny_hf_checkpoint()
     device_map = {
         "": "cpu",
@@ -158,6 +156,12 @@ def test_vision_and_cross_attention_layers_on_disk_give_the_same_image_logits(ti
     )
     assert offloaded.vision_model.class_embedding.device.type == "cpu", "a loose tensor was left on disk"
     assert {p.device.type for p in offloaded.vision_model.transformer.parameters()} == {"meta"}
+    assert_same_image_logits_as_loaded_whole(offloaded, folder)
+
+
+def assert_same_image_logits_as_loaded_whole(offloaded, folder) -> None:
+    from reference import ImageSpec, make_inputs
+
     whole = MllamaForConditionalGeneration.from_pretrained(folder)
     hf = transformers.MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     inputs = make_inputs(hf, [[ImageSpec(ratio_id=2, position=2)]], length=8)
@@ -167,19 +171,13 @@ def test_vision_and_cross_attention_layers_on_disk_give_the_same_image_logits(ti
 
 def test_patch_embedding_and_projector_on_disk_give_the_same_image_logits(tiny_hf_checkpoint, tmp_path):
     """Modules whose inputs the model casts itself must work when their weights are offloaded."""
-    from reference import ImageSpec, make_inputs
-
     folder = tiny_hf_checkpoint()
     device_map = {"": "cpu", "vision_model.patch_embedding": "disk", "multi_modal_projector": "disk"}
     offloaded = MllamaForConditionalGeneration.from_pretrained(
         folder, device_map=device_map, offload_folder=tmp_path / "offload"
     )
     assert offloaded.multi_modal_projector.weight.device.type == "meta"
-    whole = MllamaForConditionalGeneration.from_pretrained(folder)
-    hf = transformers.MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    inputs = make_inputs(hf, [[ImageSpec(ratio_id=2, position=2)]], length=8)
-    with torch.no_grad():
-        assert torch.equal(offloaded(**inputs).logits, whole(**inputs).logits)
+    assert_same_image_logits_as_loaded_whole(offloaded, folder)
 
 
 def test_auto_device_map_offloads_to_disk_when_memory_is_short(tiny_hf_checkpoint, tmp_path):
