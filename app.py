@@ -11,11 +11,11 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from app.config import ConfigError, parse_config
+    from app.config import FlagError, parse_config
 
     try:
         config = parse_config(argv)
-    except ConfigError as error:
+    except FlagError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,1 +1,1 @@
-"""Gradio UI for chatting with Mllama. Talks only to model.engine."""
+"""Gradio UI for chatting with Mllama. Talks only to the serving engine."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from model.engine import EngineError, GenerationSettings, ReplyStats
+from serving import EngineError, GenerationSettings, ReplyStats
 from model.image_io import ImageLoadError, load_image
 
 log = logging.getLogger(__name__)

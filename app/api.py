@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from model.engine import EngineError
+from serving import EngineError
 from model.image_io import ImageLoadError
 
 from .answering import read_picture, settings_from

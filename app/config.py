@@ -59,7 +59,7 @@ _FLAGS = {
 SWITCHES = ("share", "compile")  # flags without a value
 
 
-class ConfigError(ValueError):
+class FlagError(ValueError):
     """A flag or variable has a value we cannot use; the message names it and says what to pass."""
 
 
@@ -75,7 +75,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     model = raw["model"] or default_model()
     dtype = raw["dtype"] or defaults.dtype
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype / MLLAMA_DTYPE is {dtype!r}; use one of {', '.join(DTYPES)}.")
+        raise FlagError(f"--dtype / MLLAMA_DTYPE is {dtype!r}; use one of {', '.join(DTYPES)}.")
     return AppConfig(
         model=model,
         dtype=dtype,
@@ -137,9 +137,9 @@ def _positive_int(name: str, value: object, default: int) -> int:
     try:
         number = int(str(value))
     except ValueError:
-        raise ConfigError(f"{_flag(name)} is {value!r}; pass a whole number such as {default}.") from None
+        raise FlagError(f"{_flag(name)} is {value!r}; pass a whole number such as {default}.") from None
     if number < 1:
-        raise ConfigError(f"{_flag(name)} is {number}; pass a number of 1 or more, such as {default}.")
+        raise FlagError(f"{_flag(name)} is {number}; pass a number of 1 or more, such as {default}.")
     return number
 
 
@@ -151,7 +151,7 @@ def _boolean(name: str, value: object) -> bool:
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"{_flag(name)} is {value!r}; use true or false.")
+    raise FlagError(f"{_flag(name)} is {value!r}; use true or false.")
 
 
 def _auth(value: str | None) -> tuple[str, str] | None:
@@ -159,6 +159,6 @@ def _auth(value: str | None) -> tuple[str, str] | None:
         return None
     user, sep, password = value.partition(":")
     if not sep or not user or not password:
-        raise ConfigError(f"{_flag('auth')} must look like USER:PASSWORD (got {len(value)} characters without "
+        raise FlagError(f"{_flag('auth')} must look like USER:PASSWORD (got {len(value)} characters without "
                           "a user and a password around a colon).")
     return user, password

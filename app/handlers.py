@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from model.engine import ReplyStats
+from serving import ReplyStats
 from model.image_io import ImageLoadError
 
 from .answering import RunningAnswers, drain, failure_message, read_picture, settings_from

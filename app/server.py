@@ -14,7 +14,7 @@ MAX_UPLOAD = "20mb"  # larger pictures gain nothing: the model sees at most 4 ti
 
 def load_engine(config: AppConfig) -> Any | None:
     """Load the model, showing progress in the terminal; on failure print what to do and return None."""
-    from model.engine import ChatEngine
+    from serving import ChatEngine
 
     print(f"Loading {config.model} (dtype {config.dtype}, device map {config.device_map}"
           f"{', compiled decoding' if config.compile else ''}) ...",

@@ -8,7 +8,7 @@ import gradio as gr
 
 from .answering import RANDOM_SEED, RunningAnswers
 from .api import add_ask_endpoint
-from .config import EXAMPLES_DIR, LLAMA_VISION, AppConfig
+from .config import EXAMPLES_DIR, LLAMA_VISION, TINY_MODEL, AppConfig
 from .conversation import Conversation
 from .display import POLICY, picture_card
 from .examples import load_examples
@@ -38,7 +38,7 @@ def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
         with gr.Row(elem_id="header"):
             gr.Markdown(f"# Llama 3.2 Vision chat\n`{model_name(info.model_id)}` · ask about a picture, "
                         "or just chat")
-        if info.is_demo_model:
+        if Path(config.model).resolve() == TINY_MODEL.resolve():  # the page says it is only a demo
             gr.Markdown(DEMO_NOTE, elem_id="demo-note")
 
         with gr.Row(equal_height=False, elem_id="main"):

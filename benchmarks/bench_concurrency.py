@@ -5,10 +5,12 @@ Each request: a prompt of 64 tokens with one 4-tile image (a different random pi
 greedy, a fixed number of new tokens. Aggregate tokens/s = all new tokens / wall time, prefills
 included. Sequential = the same requests submitted one at a time to the same engine.
 Batched decode tokens/s = the tokens after each request's first / the time from the last first
-token to the last reply's end: the decode batch alone, all requests in it.
+token to the last reply's end: the decode batch alone, all requests in it. Mean TTFT = the mean
+time from submitting to the first token when all N arrive at once (newcomers are prefilled
+together, so it should grow slowly with N).
 
 --compile runs the engine's fixed-shape decode (torch.compile; CUDA graphs on a GPU), as the app
-does with MLLAMA_COMPILE=1; every bucket is compiled and captured in a warm-up before timing.
+does with --compile; every bucket is compiled and captured while the engine loads.
 
 Usage: python benchmarks/bench_concurrency.py [--preset medium|11b] [--new 64] [--levels 1,2,4,8,16] [--compile]
 """
@@ -23,7 +25,9 @@ import torch
 from setups import build_pair, machine, make_inputs, sync, table
 
 from model.sampling import SamplingConfig  # noqa: E402
-from model.scheduler import Request, Scheduler  # noqa: E402
+from serving.policy import Request  # noqa: E402
+from serving.runner import ModelRunner  # noqa: E402
+from serving.scheduler import Scheduler  # noqa: E402
 
 
 class Sink:
@@ -50,7 +54,12 @@ class Sink:
 def request(config, seed: int, new: int) -> Request:
     inputs = make_inputs(config, prompt_len=64, seed=seed)
     inputs.pop("attention_mask")
-    return Request(inputs=inputs, sampling=SamplingConfig(), max_new_tokens=new, eos=[], streamer=Sink())
+    return Request(prompt_ids=inputs["input_ids"][0].tolist(), inputs=inputs, sampling=SamplingConfig(),
+                   max_new_tokens=new, eos=frozenset(), streamer=Sink())
+
+
+def mean_ttft(requests: list[Request]) -> float:
+    return sum(r.first_token_at - r.submitted for r in requests) / len(requests)
 
 
 def decode_rate(requests: list[Request]) -> float:
@@ -86,19 +95,23 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     _, ours = build_pair(args.preset)
     del _
-    scheduler = Scheduler(ours, max_batch=max(levels), capacity=64 + args.new + 8, queue_size=max(levels) + 1,
-                          compile=args.compile)
-    for n in sorted({1, *levels}):  # warm-up: every batch size (compiles and captures each bucket)
+    runner = ModelRunner(ours, max(levels), 64 + args.new + 8, compile=args.compile)
+    if runner.static:
+        runner.warm_up()  # compiles (and captures) every bucket, as the engine does while loading
+    scheduler = Scheduler(runner, max(levels), queue_size=max(levels) + 1)
+    for n in sorted({1, *levels}):  # warm-up: every batch size
         serve(scheduler, [request(ours.config, i, 4) for i in range(n)], together=True)
-    graphs = {n: type(g).__name__ for n, g in sorted(scheduler.cache.decode_graphs.items())}
+    graphs = {n: type(g).__name__ for n, g in sorted(runner.cache.decode_graphs.items())}
     print(f"decode graphs per bucket: {graphs or 'none'}", flush=True)
-    rows = [["concurrent requests", "sequential tok/s", "batched tok/s", "speed-up", "batched decode tok/s"]]
+    rows = [["concurrent requests", "sequential tok/s", "batched tok/s", "speed-up", "batched decode tok/s",
+             "mean TTFT s (all at once)"]]
     for n in levels:
         seq = serve(scheduler, [request(ours.config, i, args.new) for i in range(n)], together=False)
         batch = [request(ours.config, i, args.new) for i in range(n)]
         bat = serve(scheduler, batch, together=True)
         tokens = n * args.new
-        rows.append([str(n), f"{tokens / seq:.1f}", f"{tokens / bat:.1f}", f"{seq / bat:.2f}x", f"{decode_rate(batch):.1f}"])
+        rows.append([str(n), f"{tokens / seq:.1f}", f"{tokens / bat:.1f}", f"{seq / bat:.2f}x", f"{decode_rate(batch):.1f}",
+                     f"{mean_ttft(batch):.3f}"])
         print(rows[-1], flush=True)
     scheduler.close()
     mode = "compiled fixed-shape decode" if args.compile else "eager decode"

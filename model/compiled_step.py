@@ -2,12 +2,14 @@
 CUDA graph and replayed.
 
 A decode step of the 11B model is ~1,500 small kernels; launching them one by one from Python
-costs more than running them (research: 22.6 ms eager, 10.8 ms as one graph, 7.9 ms compiled and
-then captured). A graph replays a recorded sequence of kernels on fixed memory addresses, so
-everything the step reads lives in buffers that never move: the tokens and positions are copied
-into static inputs, and the cache (a `StaticCache` reused across requests, or the engine's
-`SlotCache` in static mode) is overwritten in place. Capture follows PyTorch's recipe: warm up
-on a side stream, then record. A cache keeps one graph per batch size (`cache.decode_graphs`).
+costs more than running them, so the whole step is recorded once and replayed. A graph replays
+on fixed memory addresses: the tokens and positions are copied into static inputs, and the
+static `MllamaCache` the step reads (generate's, reused across requests, or the engine's slots)
+is only ever overwritten in place. Graphs are captured by hand with torch.cuda.CUDAGraph rather
+than through torch.compile's "reduce-overhead" mode, whose graph trees may skip a step that
+mutates its inputs, as every decode step mutates the cache. Capture follows PyTorch's recipe:
+warm up on a side stream, then record. A cache keeps one graph per batch size
+(`cache.decode_graphs`).
 """
 from __future__ import annotations
 

@@ -1,22 +1,24 @@
-"""generate(): prefill once, then decode one token per step from the caches.
+"""generate(): prefill once, then decode one token per step from the cache.
 
-Three plain steps, like gpt-fast: `prefill` runs the prompt (and the images, once) and fills the
-caches; `decode_step` feeds one token per sequence; `generate` loops, samples, streams and stops.
-The vision tower and the cross-attention K/V projections run only in prefill; decode steps read
-the cached K/V and derive their cross-attention mask row from the last prompt row.
+Three plain pieces, like gpt-fast: `prefill` runs the prompt (and the pictures, once) and fills
+the cache; `decode_step` feeds one token per row; `generate` loops, samples, streams and stops.
+The serving engine decodes with the same `MllamaCache`, the same `decode_step` and the same
+compiled wrapper (`step_function`); only its rows are independent conversations instead of rows
+that move together. The vision tower and the cross-attention K/V projections run only in
+prefill; decode steps read the cached K/V and the cross-attention mask of the last prompt token.
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
-from .cache import MllamaCache, StaticCache
+from .cache import MllamaCache
 from .compiled_step import accelerated, on_one_device
+from .outputs import GenerateDecoderOnlyOutput
 from .sampling import SamplingConfig, process_logits, select_next_tokens
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,10 @@ def prefill(model, cache: MllamaCache, input_ids, attention_mask, position_ids, 
     return out.logits[:, -1]
 
 
-def decode_step(model, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One new token per sequence: tokens (B,), positions (B,) -> logits (B, V). Same shapes
-    at every step (the cache is static), so it can be compiled or captured in a CUDA graph."""
+def decode_step(model, cache: MllamaCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One new token for each of the cache's rows [0, B): tokens (B,), rotary positions (B,) ->
+    logits (B, V). Each row writes at its own length. With a static cache every step has the
+    same shapes, so it can be compiled and captured in a CUDA graph."""
     out = model(
         input_ids=tokens[:, None],
         position_ids=positions[:, None],
@@ -69,6 +72,22 @@ def decode_step(model, cache: StaticCache, tokens: torch.Tensor, positions: torc
         logits_to_keep=1,
     )
     return out.logits[:, -1]
+
+
+StepFunction = Callable[[Any, MllamaCache, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def step_function(model, compile: bool) -> StepFunction:
+    """`decode_step`, or with `compile` its compiled form (replayed from CUDA graphs on a GPU),
+    kept on the model so that every caller shares one compilation. Compiled steps need a static
+    cache and the whole model on one device; elsewhere the plain step is returned."""
+    if not compile or not on_one_device(model):
+        return decode_step
+    device = model.get_input_embeddings().weight.device
+    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
+    if device.type not in steps:
+        steps[device.type] = accelerated(decode_step, device)
+    return steps[device.type]
 
 
 def _stopped(stop: threading.Event | None, streamer: Streamer | None) -> bool:
@@ -86,6 +105,9 @@ class GenerationMixin:
         defaults.setdefault("eos_token_id", text_config.eos_token_id)
         defaults.setdefault("pad_token_id", text_config.pad_token_id)
         return defaults
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self._text_model().embed_tokens
 
     @torch.inference_mode()
     def generate(
@@ -106,16 +128,23 @@ class GenerationMixin:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         stop: threading.Event | None = None,
-        compile: bool | None = None,
+        compile: bool = False,
+        return_dict_in_generate: bool = False,
+        output_scores: bool = False,
+        output_logits: bool = False,
         **image_inputs: torch.Tensor,
-    ) -> torch.LongTensor:
+    ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
         """Prompt + new tokens, (B, L + n), like transformers. Rows that finished early are
         filled with `pad_token_id`. Unset options come from the checkpoint's
         generation_config.json, then transformers' defaults (20 tokens in all, greedy).
 
-        `compile`: run decode steps through torch.compile (mode "reduce-overhead", i.e. CUDA
-        graphs, on a GPU) when the whole model sits on one device. None means
-        MLLAMA_COMPILE=1 in the environment. The first call compiles (seconds to minutes).
+        `compile`: run decode steps through torch.compile, on a GPU replayed from a CUDA graph,
+        when the whole model sits on one device. The first call of a shape compiles (seconds to
+        minutes); its static cache and graph are kept for later calls of the same shapes.
+
+        `return_dict_in_generate`: a GenerateDecoderOnlyOutput with `sequences` and, when asked,
+        `scores` (the processed scores each token was chosen from) and `logits` (raw), one (B, V)
+        tensor per new token, as transformers gives them.
 
         `stop`: a threading.Event; when set (or when the streamer's consumer calls
         `streamer.cancel()`), generation ends before the next decode step. An exception raised
@@ -149,20 +178,20 @@ class GenerationMixin:
         if streamer is not None and batch != 1:
             raise ValueError("a streamer streams one sequence: pass a batch of one prompt")
 
-        device = self.language_model.model.embed_tokens.weight.device if hasattr(self, "vision_model") else self.model.embed_tokens.weight.device
+        device = self.get_input_embeddings().weight.device
         input_ids = input_ids.to(device)
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
 
         total = prompt_len + max_new_tokens
-        step_fn = self._decode_step_fn(device, compile)
+        step_fn = step_function(self, compile)
         compiled = step_fn is not decode_step
         # A compiled step is specialised to the cache length: round it up so that prompts of
         # other lengths reuse the compiled code (and the cache with its CUDA graph).
         capacity = -(-total // CAPACITY_BUCKET) * CAPACITY_BUCKET if compiled else total
         ids = torch.full((batch, total), pad, dtype=torch.long, device=device)
         ids[:, :prompt_len] = input_ids
-        mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
+        mask = torch.ones(batch, total, dtype=torch.long, device=device)
         if attention_mask is not None:
             mask[:, :prompt_len] = attention_mask.to(device)
         padded = attention_mask is not None and not bool(attention_mask.all())
@@ -171,14 +200,16 @@ class GenerationMixin:
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         if compiled:
             cache_key = (batch, capacity, tuple(images["pixel_values"].shape[1:3]) if "pixel_values" in images else None)
-            cache = self._take_decode_cache(cache_key, mask)
+            cache = self._take_decode_cache(cache_key)
         else:
-            cache = StaticCache(len(self._decoder_layers()), capacity=capacity, padding=mask)
+            cache = MllamaCache(len(self._text_model().layers), batch, capacity)
+        scores_out: list[torch.Tensor] = []
+        logits_out: list[torch.Tensor] = []
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
         try:
-            logits = prefill(self, cache, input_ids, None, positions, images)
+            logits = prefill(self, cache, input_ids, mask[:, :prompt_len] if padded else None, positions, images)
             last_pos = positions[:, -1]
             length = prompt_len
             for step in range(max_new_tokens):
@@ -186,6 +217,10 @@ class GenerationMixin:
                     logits, ids[:, :length], cfg, new_tokens=step, eos_token_ids=eos,
                     attention_mask=mask[:, :length] if padded else None,
                 )
+                if output_scores:
+                    scores_out.append(scores)
+                if output_logits:
+                    logits_out.append(logits.float().clone())  # a graph overwrites its output buffer
                 tokens = select_next_tokens(scores, cfg, generator)
                 tokens = torch.where(unfinished, tokens, pad)
                 ids[:, length] = tokens
@@ -208,38 +243,32 @@ class GenerationMixin:
                 streamer.end()
             if compiled:
                 self._return_decode_cache(cache_key, cache)
-        return ids[:, :length]
+        if not return_dict_in_generate:
+            return ids[:, :length]
+        return GenerateDecoderOnlyOutput(
+            sequences=ids[:, :length],
+            scores=tuple(scores_out) if output_scores else None,
+            logits=tuple(logits_out) if output_logits else None,
+            past_key_values=None if compiled else cache,
+        )
 
-    def _decode_step_fn(self, device: torch.device, compile: bool | None):
-        if compile is None:
-            compile = os.environ.get("MLLAMA_COMPILE") == "1"
-        if not compile:
-            return decode_step
-        if not on_one_device(self):
-            return decode_step
-        steps = self.__dict__.setdefault("_compiled_decode_steps", {})
-        if device.type not in steps:
-            steps[device.type] = accelerated(decode_step, device)
-        return steps[device.type]
-
-    def _take_decode_cache(self, key: tuple, padding: torch.Tensor) -> StaticCache:
-        """A kept cache of these shapes (with its CUDA graph), or a new one. A cache is taken
+    def _take_decode_cache(self, key: tuple) -> MllamaCache:
+        """A kept static cache of these shapes (with its CUDA graph), or a new one. A cache is taken
         out of the pool while a generation uses it, so concurrent calls never share one."""
         pool = self.__dict__.setdefault("_decode_caches", OrderedDict())
         lock = self.__dict__.setdefault("_decode_caches_lock", threading.Lock())
         with lock:
             cache = pool.pop(key, None)
         if cache is None:
-            return StaticCache(len(self._decoder_layers()), capacity=key[1], padding=padding)
-        cache.reset(padding)
+            return MllamaCache(len(self._text_model().layers), key[0], key[1], static=True)
+        cache.reset()
         return cache
 
-    def _return_decode_cache(self, key: tuple, cache: StaticCache) -> None:
+    def _return_decode_cache(self, key: tuple, cache: MllamaCache) -> None:
         with self._decode_caches_lock:
             self._decode_caches[key] = cache
             while len(self._decode_caches) > KEPT_DECODE_CACHES:
                 self._decode_caches.popitem(last=False)
 
-    def _decoder_layers(self) -> torch.nn.ModuleList:
-        text = self.language_model.model if hasattr(self, "vision_model") else self.model
-        return text.layers
+    def _text_model(self) -> torch.nn.Module:
+        return self.language_model.model if hasattr(self, "vision_model") else self.model

@@ -128,10 +128,11 @@ def _forward_multimodal(
     if pixel_values is not None and cross_attention_states is not None:
         raise ValueError("Pass pixel_values or cross_attention_states, not both")
     use_cache = config.text_config.use_cache if use_cache is None else use_cache
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    batch, q_len = tokens.shape[:2]
     cache = past_key_values
     if cache is None and use_cache:
-        cache = MllamaCache(len(text_model.layers))
-    q_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        cache = MllamaCache(len(text_model.layers), batch, q_len)
 
     if pixel_values is not None:
         if aspect_ratio_ids is None or aspect_ratio_mask is None:
@@ -151,7 +152,7 @@ def _forward_multimodal(
         states = projector(like_param(features, projector.weight))
         cross_attention_states = states.reshape(-1, states.shape[-2], states.shape[-1])  # (B*N*T, P, H)
 
-    has_images = cross_attention_states is not None or (cache is not None and cache.has_images)
+    has_images = cross_attention_states is not None or (cache is not None and cache.runs_cross_layers(batch))
     row_mask = None
     dtype = text_model.embed_tokens.weight.dtype
     num_patches = config.vision_config.num_patches
@@ -160,18 +161,16 @@ def _forward_multimodal(
     elif cross_attention_mask is None:
         if cache is None or cross_attention_states is not None:
             raise ValueError("images need a cross_attention_mask (B, seq_len, num_images, num_tiles)")
-        # Decode: new rows see what the last prompt row saw; derived, not rebuilt.
-        cross_attention_mask, row_mask = cache.cross_masks(q_len, num_patches, dtype)
+        # New tokens see what the last prompt token saw; derived once, not rebuilt.
+        cross_attention_mask, row_mask = cache.cross_masks(batch)
     else:
         if cross_attention_mask.shape[1] != q_len:
             # A mask over the whole sequence so far (transformers' calling convention).
-            past = cache.seen if cache is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             cross_attention_mask = cross_attention_mask[:, past : past + q_len]
-        if isinstance(cache, MllamaCache):
+        if cache is not None:
             cache.set_cross_mask_row(cross_attention_mask[:, -1:], num_patches, dtype)
-        cross_attention_mask, row_mask = prepare_cross_attention_mask(
-            cross_attention_mask, num_patches, dtype
-        )
+        cross_attention_mask, row_mask = prepare_cross_attention_mask(cross_attention_mask, num_patches, dtype)
 
     return text_model(
         input_ids=input_ids,

@@ -33,3 +33,14 @@ class CausalLMOutputWithPast(_Output):
     logits: torch.Tensor
     past_key_values: Any = None
     loss: torch.Tensor | None = None
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(_Output):
+    """What `generate(return_dict_in_generate=True)` returns: the token ids and, when asked, one
+    (B, V) float32 tensor per new token of processed `scores` and raw `logits`."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    past_key_values: Any = None

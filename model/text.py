@@ -187,15 +187,23 @@ class MllamaTextModel(MllamaPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = past_key_values
         if cache is None and use_cache:
-            cache = MllamaCache(len(self.layers))
-        if position_ids is None:
-            past = cache.seen if cache is not None else 0
-            position_ids = torch.arange(past, past + q_len, device=x.device)[None].expand(batch, -1)
-        rope = self.rotary_emb(x, position_ids)
+            cache = MllamaCache(len(self.layers), batch, q_len)
         if cache is not None:
-            mask = cache.self_attention_mask(attention_mask, q_len, x.dtype, x.device)
+            cache.begin(batch, q_len, attention_mask, x.device)
+            mask = cache.self_attention_mask(x.dtype)
+            if position_ids is None:
+                position_ids = cache.default_positions()
         else:
-            mask = causal_mask(attention_mask, q_len, 0, x.dtype, x.device)
+            mask = causal_mask(attention_mask, q_len, x.dtype, x.device)
+            if position_ids is None:
+                position_ids = torch.arange(q_len, device=x.device)[None].expand(batch, -1)
+        rope = self.rotary_emb(x, position_ids)
+        # Cross layers run when this forward brings pictures or the cache holds some for its rows;
+        # a text-only forward skips them (they would be an identity).
+        cached_pictures = cross_attention_states is None and cache is not None and cache.runs_cross_layers(batch)
+        if cached_pictures and full_text_row_masked_out_mask is None:
+            # Never without row masks: a row without a picture must pass these layers unchanged.
+            cross_attention_mask, full_text_row_masked_out_mask = cache.cross_masks(batch)
 
         for layer in self.layers:
             if isinstance(layer, MllamaSelfAttentionDecoderLayer):
@@ -205,15 +213,15 @@ class MllamaTextModel(MllamaPreTrainedModel):
             if cross_attention_states is not None:
                 keys, values = layer.cross_attn.project_states(cross_attention_states, batch)
                 if cache is not None:
-                    cache.store_cross(i, keys, values)  # every cross layer: the old image's K/V are all replaced
-            elif cache is not None and i in cache.cross_keys:
-                keys, values = cache.cross_keys[i], cache.cross_values[i]
+                    cache.store_cross(i, keys, values)
+            elif cached_pictures:
+                keys, values = cache.cross_keys[i][:batch], cache.cross_values[i][:batch]
             else:
-                continue  # text-only: cross-attention layers are skipped entirely
+                continue
             x = layer(x, keys, values, cross_attention_mask, full_text_row_masked_out_mask)
 
         if cache is not None:
-            cache.advance(q_len)
+            cache.end(batch, q_len)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache if use_cache else None)
 
 

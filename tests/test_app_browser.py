@@ -316,7 +316,7 @@ def test_closing_the_tab_stops_the_computation(open_page, talkative_app):
     set_settings(page, max_new_tokens=LONG_BUDGET)
     send(page, "Write a long story about the sea.")
     expect(answers(page)).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
-    running = [request for request in talkative_app.engine.scheduler.slots if request is not None]
+    running = [request for request in talkative_app.engine.scheduler.policy.slots if request is not None]
     assert len(running) == 1, "the answer should be generating while the tab is open"
     page.close()
     deadline = time.monotonic() + 10
@@ -327,4 +327,4 @@ def test_closing_the_tab_stops_the_computation(open_page, talkative_app):
 
 
 def busy_slots(engine) -> int:
-    return sum(slot is not None for slot in engine.scheduler.slots)
+    return sum(slot is not None for slot in engine.scheduler.policy.slots)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.config import TINY_MODEL, ConfigError, cached_checkpoint, parse_config
+from app.config import TINY_MODEL, FlagError, cached_checkpoint, parse_config
 from app.conversation import (DEFAULT_QUESTION, STOPPED_BEFORE_START, Conversation, ConversationError, Turn, ask,
                               engine_messages, figures, finish, interrupted, record_piece, retry, undo)
 from app.display import NEW_THREAD, OUT_OF_VIEW, chat_messages, picture_card
@@ -279,7 +279,7 @@ def test_compiled_decoding_is_a_switch_with_its_variable():
     assert parse_config(["--model", "x/y"], {}).compile is False
     assert parse_config(["--model", "x/y", "--compile"], {}).compile is True
     assert parse_config(["--model", "x/y"], {"MLLAMA_COMPILE": "1"}).compile is True
-    with pytest.raises(ConfigError, match="MLLAMA_COMPILE is 'maybe'; use true or false"):
+    with pytest.raises(FlagError, match="MLLAMA_COMPILE is 'maybe'; use true or false"):
         parse_config(["--model", "x/y"], {"MLLAMA_COMPILE": "maybe"})
 
 
@@ -290,7 +290,7 @@ def test_compiled_decoding_is_a_switch_with_its_variable():
     (["--auth", "nopassword"], "must look like USER:PASSWORD"),
 ])
 def test_bad_flag_values_are_refused_with_what_to_pass(argv, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(FlagError, match=message):
         parse_config(["--model", "x/y", *argv], {})
 
 

@@ -11,9 +11,10 @@ import torch
 from engine_checkpoint import write_engine_checkpoint
 from model import MllamaForConditionalGeneration
 from model.compiled_step import DecodeGraph
-from model.engine import ChatEngine, GenerationSettings, ReplyStats
 from reference import VARIANTS, ImageSpec, build_hf_model, make_inputs, save_hf
-from test_engine import conversation, replies_at_once
+from serving import ChatEngine
+from serving_oracle import Oracle
+from test_engine import check_mix
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -64,17 +65,12 @@ def test_a_graph_replay_never_syncs_the_host(gpu_model):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_the_graphed_engine_answers_like_the_eager_engine(tmp_path):
+def test_the_graphed_engine_answers_like_generate_alone(tmp_path):
     folder = str(write_engine_checkpoint(tmp_path / "ck"))
-    eager = ChatEngine.load(folder, device_map="cuda", max_batch=4, context_tokens=256, compile=False)
     graphed = ChatEngine.load(folder, device_map="cuda", max_batch=4, context_tokens=256, compile=True)
     try:
-        convs = [conversation(seed, with_image=seed % 3 != 0) for seed in range(40, 46)]
-        greedy = GenerationSettings(max_new_tokens=12, temperature=0)
-        alone = ["".join(p for p in eager.chat(c, greedy) if not isinstance(p, ReplyStats)) for c in convs]
-        assert replies_at_once(graphed, convs) == alone
-        assert graphed.scheduler.cache.decode_graphs, "no graph captured"
-        assert all(isinstance(g, DecodeGraph) for g in graphed.scheduler.cache.decode_graphs.values())
+        check_mix(graphed, Oracle(graphed.model, graphed.processor), seed=4, count=8)
+        assert graphed.runner.cache.decode_graphs, "no graph captured"
+        assert all(isinstance(g, DecodeGraph) for g in graphed.runner.cache.decode_graphs.values())
     finally:
-        eager.close()
         graphed.close()

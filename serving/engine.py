@@ -1,8 +1,8 @@
-"""The one object the UI talks to: load a checkpoint once, stream chat replies to many users.
+"""The one object the app talks to: load a checkpoint once, stream chat replies to many users.
 
-`ChatEngine.chat(messages, settings)` turns a conversation (transformers' chat format, images
+`ChatEngine.chat(messages, settings)` turns a conversation (transformers' chat format, pictures
 inline) into a request for the `Scheduler`, which batches all users' decode steps together, and
-yields the reply's text pieces, then its `ReplyStats`.
+returns a `Reply`: the reply's text pieces, then its `ReplyStats`.
 """
 from __future__ import annotations
 
@@ -17,32 +17,19 @@ from typing import Any
 
 import torch
 
-from .hub import CHECKPOINT_FILES, resolve_checkpoint
-from .image_processing import get_optimal_tiled_canvas
-from .mllama import MllamaForConditionalGeneration
-from .processing import MllamaProcessor
-from .sampling import SamplingConfig
-from .scheduler import EngineBusy, EngineError, ReplyStats, Request, Scheduler
-from .streamer import TextIteratorStreamer
+from model.hub import CHECKPOINT_FILES, resolve_checkpoint
+from model.image_processing import get_optimal_tiled_canvas
+from model.mllama import MllamaForConditionalGeneration
+from model.processing import MllamaProcessor
+from model.sampling import SamplingConfig
+from model.streamer import TextIteratorStreamer
 
-__all__ = [
-    "ChatEngine",
-    "EngineBusy",
-    "EngineError",
-    "EngineInfo",
-    "GenerationSettings",
-    "ImageInfo",
-    "PromptTooLong",
-    "ReplyStats",
-]
+from .errors import EngineError, PromptTooLong
+from .policy import ReplyStats, Request
+from .runner import ModelRunner
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-mllama")
-
-
-class PromptTooLong(EngineError):
-    """The conversation does not fit the context budget."""
 
 
 @dataclass
@@ -75,7 +62,6 @@ class ImageInfo:
 @dataclass
 class EngineInfo:
     model_id: str
-    is_demo_model: bool
     tile_size: int
     max_tiles: int
     context_tokens: int
@@ -83,28 +69,69 @@ class EngineInfo:
     has_chat_template: bool = True
 
 
+class Reply:
+    """A reply being generated: iterate for its text pieces and then its ReplyStats. `close()`
+    (what Gradio does when the user presses Stop or leaves) stops the computation within one
+    decode step; `stats` is set once the request has finished, `finished` tells when."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self._items = self._stream()
+
+    def _stream(self) -> Iterator[str | ReplyStats]:
+        try:
+            yield from self._request.streamer
+            yield self._request.stats
+        finally:
+            self._request.cancel.set()  # no-op when finished; stops the work when the consumer left
+
+    def __iter__(self) -> "Reply":
+        return self
+
+    def __next__(self) -> str | ReplyStats:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._request.cancel.set()
+        self._items.close()
+
+    def wait(self, timeout: float | None = None) -> ReplyStats | None:
+        """The figures of the finished reply (None if it has not finished within `timeout`)."""
+        self._request.done.wait(timeout)
+        return self._request.stats
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The reply's tokens so far (the stop token included, once sampled)."""
+        return list(self._request.tokens)
+
+    @property
+    def tokens_so_far(self) -> int:
+        return len(self._request.tokens)
+
+
 class ChatEngine:
     def __init__(self, model, processor, model_id: str, *, max_batch: int, queue_size: int, context_tokens: int,
-                 generation_config: dict | None = None, compile: bool | None = None) -> None:
-        """`compile`: decode with fixed shapes through torch.compile (and CUDA graphs on one GPU);
-        None means MLLAMA_COMPILE=1 in the environment. Every batch bucket (1, 2, 4, ...,
-        max_batch) is compiled here, before serving: loading then takes longer (minutes for the 11B)."""
+                 generation_config: dict | None = None, compile: bool = False) -> None:
+        """`compile`: decode with fixed shapes through torch.compile (and CUDA graphs on one GPU).
+        Every batch bucket (1, 2, 4, ..., max_batch) is compiled here, before serving: loading
+        then takes longer (minutes for the 11B)."""
         self.model = model
         self.processor = processor
         generation_config = generation_config or {}
-        self.eos = _as_list(generation_config.get("eos_token_id", model.config.text_config.eos_token_id))
+        self.eos = frozenset(_as_list(generation_config.get("eos_token_id", model.config.text_config.eos_token_id)))
         limit = model.config.text_config.max_position_embeddings
         self.context_tokens = min(context_tokens, limit)
-        if compile is None:
-            compile = os.environ.get("MLLAMA_COMPILE") == "1"
-        # With compile, every batch bucket is compiled before the first user arrives.
-        warm_up_prompt = [model.config.text_config.bos_token_id or 0] * 8
-        self.scheduler = Scheduler(model, max_batch=max_batch, capacity=self.context_tokens, queue_size=queue_size,
-                                   compile=compile, warm_up_prompt=warm_up_prompt)
+        self.runner = ModelRunner(model, max_batch, self.context_tokens, compile=compile)
+        if self.runner.static:
+            started = time.perf_counter()
+            self.runner.warm_up()
+            log.info("decode steps for %s request(s) at once compiled in %.1f s", self.runner.buckets(),
+                     time.perf_counter() - started)
+        self.scheduler = Scheduler(self.runner, max_batch, queue_size)
         image = processor.image_processor
         self.info = EngineInfo(
             model_id=model_id,
-            is_demo_model=os.path.abspath(model_id) == os.path.abspath(DEMO_MODEL),
             tile_size=image.settings.tile_size,
             max_tiles=image.max_image_tiles,
             context_tokens=self.context_tokens,
@@ -113,9 +140,9 @@ class ChatEngine:
         )
 
     @classmethod
-    def load(cls, model: str = DEMO_MODEL, *, dtype: str | torch.dtype = "auto", device_map: Any = None,
+    def load(cls, model: str, *, dtype: str | torch.dtype = "auto", device_map: Any = None,
              max_batch: int = 8, queue_size: int = 32, context_tokens: int = 4096,
-             compile: bool | None = None) -> "ChatEngine":
+             compile: bool = False) -> "ChatEngine":
         """Load a checkpoint folder or hub id (blocking; progress goes to the log)."""
         start = time.perf_counter()
         folder = resolve_checkpoint(model, allow_patterns=CHECKPOINT_FILES)
@@ -136,17 +163,13 @@ class ChatEngine:
         return ImageInfo(width=image.width, height=image.height, tiles=grid[0] * grid[1], grid=grid)
 
     def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
-             cancel: threading.Event | None = None, session_id: str | None = None) -> Iterator[str | ReplyStats]:
-        """Stream one reply: text pieces, then one ReplyStats. Closing the generator or setting
-        `cancel` stops the computation within one decode step."""
-        settings = settings or self.info.defaults
-        request = self._request(messages, settings, cancel or threading.Event(), session_id)
+             cancel: threading.Event | None = None, session_id: str | None = None) -> Reply:
+        """Stream one reply. Closing it or setting `cancel` stops the computation within one
+        decode step. `session_id` lets the next turn of the same conversation reuse this one's
+        K/V (the picture's and the unchanged start of the conversation)."""
+        request = self._request(messages, settings or self.info.defaults, cancel or threading.Event(), session_id)
         self.scheduler.submit(request)
-        try:
-            yield from request.streamer
-            yield request.stats
-        finally:
-            request.cancel.set()  # no-op when finished; stops the work when the consumer left
+        return Reply(request)
 
     def _request(self, messages, settings: GenerationSettings, cancel: threading.Event, session_id) -> Request:
         images = sum(
@@ -164,27 +187,26 @@ class ChatEngine:
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
-        inputs = {k: v for k, v in dict(inputs).items() if torch.is_tensor(v)}
-        inputs.pop("attention_mask", None)  # a single prompt has no padding
-        prompt_len = inputs["input_ids"].shape[1]
-        room = self.context_tokens - prompt_len
+        inputs = {k: v for k, v in dict(inputs).items() if torch.is_tensor(v) and k != "attention_mask"}
+        prompt_ids = inputs["input_ids"][0].tolist()
+        room = self.context_tokens - len(prompt_ids)
         if room < 1:
             raise PromptTooLong(
-                f"The conversation is {prompt_len} tokens long and this server keeps at most {self.context_tokens}. "
-                "Undo a few turns or clear the chat."
+                f"The conversation is {len(prompt_ids)} tokens long and this server keeps at most "
+                f"{self.context_tokens}. Undo a few turns or clear the chat."
             )
         generator = None
         if settings.seed is not None:
-            generator = torch.Generator(device=self.scheduler.device).manual_seed(int(settings.seed))
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_special_tokens=True)
+            generator = torch.Generator(device=self.runner.device).manual_seed(int(settings.seed))
         return Request(
-            inputs=inputs,
-            sampling=sampling,
+            prompt_ids=prompt_ids,
             max_new_tokens=min(settings.max_new_tokens, room),
             eos=self.eos,
-            streamer=streamer,
-            cancel=cancel,
+            streamer=TextIteratorStreamer(self.processor.tokenizer, skip_special_tokens=True),
+            inputs=inputs,
+            sampling=sampling,
             generator=generator,
+            cancel=cancel,
             session_id=session_id,
         )
 
