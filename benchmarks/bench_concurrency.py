@@ -7,7 +7,8 @@ included. Sequential = the same requests submitted one at a time to the same eng
 Batched decode tokens/s = the tokens after each request's first / the time from the last first
 token to the last reply's end: the decode batch alone, all requests in it. Mean TTFT = the mean
 time from submitting to the first token when all N arrive at once (newcomers are prefilled
-together, so it should grow slowly with N).
+together, so it should grow slowly with N). Last, how long a cancelled request takes to leave:
+from setting its cancel flag (Stop, a closed tab) to the end of its stream, alone and among N.
 
 --compile runs the engine's fixed-shape decode (torch.compile; CUDA graphs on a GPU), as the app
 does with --compile; every bucket is compiled and captured while the engine loads.
@@ -35,12 +36,17 @@ class Sink:
 
     def __init__(self) -> None:
         self.done = threading.Event()
+        self.started = threading.Event()  # a few tokens are out
         self.error = None
         self.first = self.last = None
+        self.count = 0
 
     def put(self, value) -> None:
         if self.first is None:  # the scheduler has already read the token back: no sync needed
             self.first = time.perf_counter()
+        self.count += 1
+        if self.count == 3:
+            self.started.set()
 
     def end(self) -> None:
         self.last = time.perf_counter()
@@ -113,10 +119,24 @@ def main() -> None:
         rows.append([str(n), f"{tokens / seq:.1f}", f"{tokens / bat:.1f}", f"{seq / bat:.2f}x", f"{decode_rate(batch):.1f}",
                      f"{mean_ttft(batch):.3f}"])
         print(rows[-1], flush=True)
+    cancel_rows = [["requests running", "cancel to end of stream s"]]
+    for n in (1, max(levels)):
+        batch = [request(ours.config, i, args.new) for i in range(n)]
+        for r in batch:
+            scheduler.submit(r)
+        batch[0].streamer.started.wait()
+        cancelled = time.perf_counter()
+        batch[0].cancel.set()
+        batch[0].streamer.done.wait()
+        cancel_rows.append([str(n), f"{time.perf_counter() - cancelled:.3f}"])
+        for r in batch:
+            r.cancel.set()
+            r.streamer.done.wait()
     scheduler.close()
     mode = "compiled fixed-shape decode" if args.compile else "eager decode"
     print(f"continuous batching ({mode}), preset {args.preset}, {args.new} new tokens per request, one 4-tile image each; {machine()}")
     print(table(rows))
+    print(table(cancel_rows))
 
 
 if __name__ == "__main__":

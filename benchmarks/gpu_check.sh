@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Everything this project checks and measures on a GPU, as prepared runs for a lent machine.
-# Two device calls, back to back on the warm machine (timeout_s 590 each; logs come back in $OUT):
-#   bash benchmarks/gpu_check.sh tests generate
-#   bash benchmarks/gpu_check.sh concurrency
+# Everything this project checks and measures on a GPU, as one prepared script.
+# Usage: bash benchmarks/gpu_check.sh [stages]   (default: tests generate concurrency; logs in $OUT)
+# Run it as two invocations, `tests generate` then `concurrency`, when one run may take at most
+# about ten minutes.
 # Stages: tests (tests/test_gpu.py + the CUDA checks of the sampler; small models, a few
 # compilations), generate (bench_generate --preset 11b: transformers, ours eager, ours compiled +
 # CUDA graph; the 11B decode step compiles for a minute or more), concurrency (bench_concurrency
 # --preset 11b --compile at 1 and 8 requests: one compilation and capture per bucket). Inductor's
-# on-disk cache carries compiled kernels from the first call to the second on a warm machine.
+# on-disk cache carries compiled kernels from the first invocation to the second.
 # Each stage has its own time limit, so one that hangs or fails leaves the others' logs.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}

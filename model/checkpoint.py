@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# In-memory layout of transformers >= 4.52 (spec §4.8 format B) -> the Hub layout (format A).
+# The layout transformers >= 4.52 saves from memory -> the layout of the Hub checkpoints.
 _FORMAT_B_TO_A = (
     ("model.language_model.", "language_model.model."),
     ("model.vision_model.", "vision_model."),

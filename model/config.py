@@ -17,7 +17,7 @@ SEMANTICS = ("meta", "transformers")
 """`meta`: the math of Meta's reference code, which the weights were trained with (default).
 `transformers`: reproduce transformers >= 4.56 exactly (vision intermediate features are the
 outputs of the listed layers, and text rows that see no image still get the cross-attention
-output). See DESIGN.md "Semantics"."""
+output). README, "Semantics", says why both exist."""
 
 DEFAULT_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
 

@@ -1,6 +1,6 @@
 """MllamaImageProcessor (PIL + numpy) and the tiling math shared with the fast processor.
 
-Per image (research/mllama_spec.md §5.2): RGB with a white background behind transparency ->
+Per image, as transformers does it: RGB with a white background behind transparency ->
 choose the tiled canvas -> aspect-preserving resize (PIL bilinear) -> pad bottom/right with 0 ->
 rescale and normalise -> split into row-major tiles. Outputs for B samples with up to N images:
 pixel_values (B, N, max_image_tiles, 3, S, S) float32, aspect_ratio_ids (B, N),

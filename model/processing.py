@@ -1,6 +1,6 @@
 """MllamaProcessor: tokenizer + image processor + chat template + cross-attention mask.
 
-Follows transformers' MllamaProcessor (research/mllama_spec.md §6): one `<|image|>` token per
+Follows transformers' MllamaProcessor: one `<|image|>` token per
 image, BOS inserted after any leading image tokens unless the text already has one, and a
 cross-attention mask (B, L, N, max_image_tiles) built from the positions of the image tokens.
 """

@@ -41,7 +41,7 @@ def tiny_hf_checkpoint(tmp_path_factory):
     return make
 
 
-# --- processor fixtures (issue 3: image processing, tokenizer, chat template) ---------------------
+# --- processor fixtures (image processing, tokenizer, chat template) ------------------------------
 HUB_PREPROCESSOR_CONFIG = {  # meta-llama/Llama-3.2-11B-Vision-Instruct preprocessor_config.json
     "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "MllamaImageProcessor",
@@ -85,7 +85,7 @@ def reference_processor(mllama_processor_dir, reference_image_processor):
     return ReferenceProcessor(image_processor=reference_image_processor, tokenizer=tokenizer, chat_template=template)
 
 
-# --- app fixtures (issue 6: the Gradio app) ----------------------------------------------------------
+# --- app fixtures (the Gradio app) -------------------------------------------------------------------
 def _serve_app(model: Path, **config: object):
     """Load the real engine on `model`, build the page, serve it on a free local port; yields a
     namespace with `url`, `engine` and `config`, and closes everything afterwards."""

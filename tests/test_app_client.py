@@ -87,3 +87,41 @@ def test_ask_is_the_only_public_endpoint(client):
     assert endpoints["unnamed_endpoints"] == {}
     parameters = [p["parameter_name"] for p in endpoints["named_endpoints"]["/ask"]["parameters"]]
     assert parameters == ["image", "question", "max_new_tokens", "temperature", "top_p", "seed"]
+
+
+def test_ask_answers_what_generate_gives_alone_for_concurrent_long_answers(talkative_app, tmp_path):
+    """Through the app's whole stack, on a random checkpoint whose answers run to the token
+    budget: four programs ask at once (pictures of several shapes and a text-only question), and
+    each answer is the text generate() gives for that question alone."""
+    import torch
+
+    from app.answering import read_picture
+    from serving_oracle import Oracle, horizon, picture as random_picture, user
+
+    questions = [("describe the picture", (2, 1)), ("what color", (1, 2)), ("how many shapes", None),
+                 ("red green blue", (1, 1))]
+    paths = []
+    for i, (_, aspect) in enumerate(questions):
+        path = None
+        if aspect is not None:
+            path = tmp_path / f"q{i}.png"
+            random_picture(100 + i, aspect).save(path)
+        paths.append(None if path is None else str(path))
+    engine = talkative_app.engine
+    oracle = Oracle(engine.model, engine.processor)
+    expected = []
+    for (question, _), path in zip(questions, paths):
+        answer = oracle.answer([user(question, read_picture(path) if path else None)], 24)
+        assert horizon(answer) == len(answer.token_ids) == 24, "choose questions whose greedy answer is clear"
+        expected.append(engine.processor.decode(torch.tensor(answer.token_ids), skip_special_tokens=True))
+
+    def ask_alone(i: int) -> str:
+        own = Client(talkative_app.url, verbose=False)  # one client per concurrent job
+        try:
+            return ask(own, paths[i], questions[i][0], max_new_tokens=24).result()
+        finally:
+            own.close()
+
+    with ThreadPoolExecutor(len(questions)) as pool:
+        answers = list(pool.map(ask_alone, range(len(questions))))
+    assert answers == expected

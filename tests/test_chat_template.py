@@ -20,7 +20,7 @@ def render(messages, **kwargs) -> str:
                                                        **SPECIALS, **kwargs})
 
 
-# research/mllama_spec.md §6.5, reference renderings of the current Instruct template
+# Reference renderings of the current Instruct template, as transformers' processor gives them
 def test_image_prompt_renders_as_the_spec_reference():
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
     assert render(messages) == (
@@ -83,8 +83,10 @@ def test_tools_render_equal_to_transformers(reference_processor):
 
 
 def test_date_defaults_to_today_through_strftime_now():
+    before = datetime.now().strftime("%d %b %Y")
     text = render_chat_template(TEMPLATE, [{"role": "user", "content": "Hi"}], **SPECIALS)
-    assert f"Today Date: {datetime.now().strftime('%d %b %Y')}\n" in text
+    after = datetime.now().strftime("%d %b %Y")  # the date may change while the template renders
+    assert f"Today Date: {before}\n" in text or f"Today Date: {after}\n" in text
 
 
 def test_raise_exception_in_a_template_becomes_a_clear_error():

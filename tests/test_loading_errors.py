@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from loading_helpers import copy_checkpoint, rewrite_config
 from model import MllamaForCausalLM, MllamaForConditionalGeneration
 from model.checkpoint import CheckpointError
-from model.config import FlagError
+from model.config import ConfigError
 
 
 def test_missing_shard_is_named_with_its_index(tiny_hf_checkpoint, tmp_path):
@@ -60,9 +60,9 @@ def test_shape_mismatch_names_key_expected_and_found(tiny_hf_checkpoint, tmp_pat
 def test_config_of_another_model_type_is_refused(tiny_hf_checkpoint, tmp_path):
     folder = copy_checkpoint(tiny_hf_checkpoint(), tmp_path / "ckpt")
     rewrite_config(folder, lambda c: c.update(model_type="llava"))
-    with pytest.raises(FlagError, match="model_type is 'llava', not 'mllama'"):
+    with pytest.raises(ConfigError, match="model_type is 'llava', not 'mllama'"):
         MllamaForConditionalGeneration.from_pretrained(folder)
-    with pytest.raises(FlagError, match="MllamaForCausalLM loads checkpoints of model_type 'mllama' or 'mllama_text_model'"):
+    with pytest.raises(ConfigError, match="MllamaForCausalLM loads checkpoints of model_type 'mllama' or 'mllama_text_model'"):
         MllamaForCausalLM.from_pretrained(folder)
 
 
@@ -74,7 +74,7 @@ def test_folder_without_safetensors_is_refused(tiny_hf_checkpoint, tmp_path):
 
 
 def test_bad_semantics_lists_the_valid_ones(tiny_hf_checkpoint):
-    with pytest.raises(FlagError, match=r"semantics must be one of \('meta', 'transformers'\), got 'hf'"):
+    with pytest.raises(ConfigError, match=r"semantics must be one of \('meta', 'transformers'\), got 'hf'"):
         MllamaForConditionalGeneration.from_pretrained(tiny_hf_checkpoint(), semantics="hf")
 
 

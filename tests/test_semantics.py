@@ -1,5 +1,5 @@
 """Default (Meta) semantics differ from transformers in exactly the two documented ways
-(DESIGN.md "Semantics"): vision intermediate features are the *inputs* of the listed layers,
+(README, "Semantics"): vision intermediate features are the *inputs* of the listed layers,
 and text rows that see no image pass cross-attention layers unchanged."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""assets/tiny-mllama, the embedded default: it really looks at the picture (issue 5).
+"""assets/tiny-mllama, the embedded default: it really looks at the picture.
 
 Questions go through the processor's chat template and `generate` (greedy), as in the app.
 The pictures are drawn with a seed the training never used and with odd canvas sides, while
