@@ -70,6 +70,7 @@ class MllamaCache:
         self.image_rows = [False] * batch  # host: which rows have a picture
         self.decode_graphs: dict = {}  # captured decode steps over these buffers, per batch size
         self._write_at: torch.Tensor | None = None  # (B, q) positions written by the running forward
+        self._row_index: torch.Tensor | None = None  # (B, 1) rows of the running forward
         self._span = 0
         self._plain_causal = False
 
@@ -132,6 +133,7 @@ class MllamaCache:
             fresh = attention_mask[:, -q_len:].bool().to(device)
         self.valid[:rows].scatter_(1, write_at, fresh)
         self._write_at = write_at
+        self._row_index = torch.arange(rows, device=device)[:, None]
 
     def default_positions(self) -> torch.Tensor:
         """(B, q) positions of the planned tokens, for a forward given no position_ids: each row
@@ -146,8 +148,7 @@ class MllamaCache:
             self.values[layer_idx] = keys.new_zeros(shape)
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
         b = keys.shape[0]
-        write_at = self._write_at.to(k_buf.device)
-        rows = torch.arange(b, device=k_buf.device)[:, None]
+        write_at, rows = self._write_at.to(k_buf.device), self._row_index.to(k_buf.device)
         k_buf[rows, :, write_at] = keys.transpose(1, 2)  # indexed as (B, q, H, D)
         v_buf[rows, :, write_at] = values.transpose(1, 2)
         return k_buf[:b, :, : self._span], v_buf[:b, :, : self._span]

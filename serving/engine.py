@@ -26,6 +26,7 @@ from model.streamer import TextIteratorStreamer
 
 from .errors import EngineError, PromptTooLong
 from .policy import ReplyStats, Request
+from .prefix_store import image_key
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
@@ -208,6 +209,7 @@ class ChatEngine:
             generator=generator,
             cancel=cancel,
             session_id=session_id,
+            image_key=image_key(inputs),  # hashed here, in the caller's thread, not in the serving loop
         )
 
     def close(self) -> None:

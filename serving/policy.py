@@ -39,6 +39,7 @@ class Request:
     generator: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
     session_id: str | None = None
+    image_key: str | None = None  # a fingerprint of the picture, when the caller has computed it
     # set while serving
     slot: int = -1
     tokens: list[int] = field(default_factory=list)

@@ -103,7 +103,7 @@ class ModelRunner:
         return [first[id(r)] for r in requests]
 
     def _admission(self, request: Request) -> _Admission:
-        key = image_key(request.inputs)
+        key = request.image_key or image_key(request.inputs)
         stored = self.prefixes.take(request.session_id)
         if key is not None and stored is not None and stored.image_key == key:
             kind = CACHED_PICTURE
