@@ -42,6 +42,7 @@ class Scheduler:
 
     # --- the serving loop --------------------------------------------------------------------
 
+    @torch.inference_mode()
     def _serve(self) -> None:
         while not self.policy.closed:
             try:
@@ -58,12 +59,11 @@ class Scheduler:
             self._finish(request)
         if admitted:
             try:
-                first = self.runner.prefill(admitted)
+                for batch in self.runner.prefill(admitted):
+                    for request, token in batch:
+                        self._accept(request, token)
             except Exception as error:
-                self._fail(admitted, error)
-            else:
-                for request, token in zip(admitted, first):
-                    self._accept(request, token)
+                self._fail([r for r in admitted if r.first_token_at is None], error)
         running = self.policy.running()
         if not running:
             self.policy.wait_for_work(timeout=0.1)
