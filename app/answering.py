@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from serving import EngineError, GenerationSettings, ReplyStats
 from model.image_io import ImageLoadError, load_image
+from serving import EngineError, GenerationSettings, ReplyStats
 
 log = logging.getLogger(__name__)
 

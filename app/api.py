@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from serving import EngineError
 from model.image_io import ImageLoadError
+from serving import EngineError
 
 from .answering import read_picture, settings_from
 from .conversation import DEFAULT_QUESTION
 
+if TYPE_CHECKING:
+    from serving import Engine
 
-def add_ask_endpoint(engine: Any, limit: int, concurrency_limit: int) -> None:
+
+def add_ask_endpoint(engine: Engine, limit: int, concurrency_limit: int) -> None:
     """Register `/ask` on the Blocks being built. Its components are invisible: it has no place on the page."""
     defaults = engine.info.defaults
 

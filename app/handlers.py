@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from serving import ReplyStats
 from model.image_io import ImageLoadError
+from serving import ReplyStats
 
 from .answering import RunningAnswers, drain, failure_message, read_picture, settings_from
 from .conversation import (STOPPED_BEFORE_START, Conversation, ConversationError, ask, engine_messages, finish,
                            interrupted, record_piece, retry, undo)
 from .display import chat_messages, picture_card
+
+if TYPE_CHECKING:
+    from serving import Engine
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ def textbox_answering() -> Any:
 
 
 class ChatHandlers:
-    def __init__(self, engine: Any, max_new_tokens: int, running: RunningAnswers):
+    def __init__(self, engine: Engine, max_new_tokens: int, running: RunningAnswers):
         self.engine = engine
         self.max_new_tokens = max_new_tokens
         self.running = running

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from .config import EXAMPLES_DIR, AppConfig
 
+if TYPE_CHECKING:
+    from serving import Engine
+
 MAX_UPLOAD = "20mb"  # larger pictures gain nothing: the model sees at most 4 tiles of 560 px
 
 
-def load_engine(config: AppConfig) -> Any | None:
+def load_engine(config: AppConfig) -> Engine | None:
     """Load the model, showing progress in the terminal; on failure print what to do and return None."""
     from serving import ChatEngine
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -14,6 +14,9 @@ from .display import POLICY, picture_card
 from .examples import load_examples
 from .handlers import ChatHandlers, textbox_ready
 
+if TYPE_CHECKING:
+    from serving import Engine
+
 CSS = (Path(__file__).parent / "theme.css").read_text()
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
@@ -24,7 +27,7 @@ DEMO_NOTE = (
     "page and set `HF_TOKEN`).")
 
 
-def build_demo(engine: Any, config: AppConfig) -> gr.Blocks:
+def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
     info = engine.info
     defaults = info.defaults
     handlers = ChatHandlers(engine, config.max_new_tokens, RunningAnswers())

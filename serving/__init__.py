@@ -10,6 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "ChatEngine": "engine",
+    "Engine": "engine",
     "EngineInfo": "engine",
     "GenerationSettings": "engine",
     "ImageInfo": "engine",

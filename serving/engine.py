@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -68,6 +68,20 @@ class EngineInfo:
     context_tokens: int
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     has_chat_template: bool = True
+
+
+class Engine(Protocol):
+    """What the app needs from an engine: `ChatEngine` here, or any other implementation of the
+    same calls (one that forwards to a remote server, say)."""
+
+    info: EngineInfo
+
+    def describe_image(self, image) -> ImageInfo: ...
+
+    def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
+             cancel: threading.Event | None = None, session_id: str | None = None) -> Iterator[str | ReplyStats]: ...
+
+    def close(self) -> None: ...
 
 
 class Reply:

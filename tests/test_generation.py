@@ -159,3 +159,21 @@ def test_text_only_prompts_skip_the_cross_attention_layers(pair):
         for h in hooks:
             h.remove()
     assert calls == []
+
+
+def test_a_text_row_batched_with_a_picture_row_decodes_as_it_does_alone(pair):
+    """Meta semantics: a row that sees no picture passes every cross-attention layer unchanged,
+    so batching it with a picture row changes none of its logits."""
+    hf, ours, _ = pair
+    inputs = make_inputs(hf, samples=[[], [ImageSpec(1, 3)]], length=9)
+    alone = {"input_ids": inputs["input_ids"][:1], "attention_mask": inputs["attention_mask"][:1]}
+    ours.config.semantics = "meta"
+    try:
+        kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, return_dict_in_generate=True,
+                      output_logits=True)
+        together = ours.generate(**inputs, **kwargs)
+        single = ours.generate(**alone, **kwargs)
+    finally:
+        ours.config.semantics = "transformers"
+    for step, (batched, solo) in enumerate(zip(together.logits, single.logits)):
+        torch.testing.assert_close(batched[0], solo[0], rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
