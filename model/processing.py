@@ -64,7 +64,7 @@ def build_string_from_input(prompt: str, bos_token: str, image_token: str) -> st
     return f"{image_token * leading}{bos_token}{prompt}"
 
 
-def _message_images(conversation: list[dict]) -> list[Any]:
+def message_images(conversation: list[dict]) -> list[Any]:
     """The images of one conversation, in order, decoded from their image/url/path/base64 entries."""
     images = []
     for message in conversation:
@@ -136,18 +136,23 @@ class MllamaProcessor:
                                        truncation=truncation, max_length=max_length, padding_side=padding_side))
             self._check_lengths(data["input_ids"], texts, max_length, truncation)
         if nested is not None:
-            image_data = self.image_processor(nested, return_tensors=None, max_image_tiles=max_image_tiles)
-            num_tiles = image_data.pop("num_tiles")
-            data.update(image_data)
-            if text is not None:
-                spans = [get_cross_attention_token_mask(ids, self.image_token_id) for ids in data["input_ids"]]
-                data["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
-                    spans, num_tiles, max_image_tiles or self.image_processor.max_image_tiles,
-                    max(map(len, data["input_ids"])))
+            data.update(self.image_inputs(nested, data.get("input_ids"), max_image_tiles))
         if return_tensors is not None and text is not None and len({len(ids) for ids in data["input_ids"]}) > 1:
             raise ValueError("The texts tokenize to different lengths, so they cannot be stacked into one tensor. "
                              "Pass padding=True (and padding_side='left' for generation).")
         return convert_tensors(data, return_tensors)
+
+    def image_inputs(self, images: list[list[Any]], input_ids: list[list[int]] | None = None,
+                     max_image_tiles: int | None = None) -> dict[str, Any]:
+        """pixel_values, aspect_ratio_ids and aspect_ratio_mask of the images (one list per sample),
+        and with the samples' token ids also their cross_attention_mask (as lists)."""
+        data = self.image_processor(images, return_tensors=None, max_image_tiles=max_image_tiles)
+        num_tiles = data.pop("num_tiles")
+        if input_ids is not None:
+            spans = [get_cross_attention_token_mask(ids, self.image_token_id) for ids in input_ids]
+            data["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
+                spans, num_tiles, max_image_tiles or self.image_processor.max_image_tiles, max(map(len, input_ids)))
+        return data
 
     def _check_image_counts(self, texts: list[str], nested: list[list[Any]] | None) -> None:
         in_text = [t.count(self.image_token) for t in texts]
@@ -197,7 +202,7 @@ class MllamaProcessor:
                    for conversation in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
-        images = [_message_images(conversation) for conversation in conversations]
+        images = [message_images(conversation) for conversation in conversations]
         # The rendered prompt already starts with BOS: adding special tokens would double it.
         starts_with_bos = self.bos_token is not None and prompts[0].startswith(self.bos_token)
         out = self(text=prompts, images=images if any(images) else None, return_tensors=return_tensors,

@@ -40,6 +40,11 @@ class MllamaTokenizer:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         self.padding_side = padding_side
 
+    @property
+    def backend_tokenizer(self) -> Tokenizer:
+        """The `tokenizers.Tokenizer` underneath (transformers' name for it)."""
+        return self._tokenizer
+
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> MllamaTokenizer:
         folder = Path(folder)

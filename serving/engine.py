@@ -27,10 +27,17 @@ from model.streamer import TextIteratorStreamer
 from .errors import EngineError, PromptTooLong
 from .policy import ReplyStats, Request
 from .prefix_store import image_key
+from .prompt import PromptEncoder, message_texts
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+# A token of ordinary text is 3-5 characters; runs of one character can pack 16 or more. A
+# conversation above this many characters per context token cannot fit, and is refused before
+# tokenizing it.
+CHARACTERS_PER_TOKEN = 16
 
 
 @dataclass
@@ -137,6 +144,7 @@ class ChatEngine:
         self.eos = frozenset(_as_list(generation_config.get("eos_token_id", model.config.text_config.eos_token_id)))
         limit = model.config.text_config.max_position_embeddings
         self.context_tokens = min(context_tokens, limit)
+        self.prompts = PromptEncoder(processor)
         self.runner = ModelRunner(model, max_batch, self.context_tokens, compile=compile)
         if self.runner.static:
             started = time.perf_counter()
@@ -199,10 +207,11 @@ class ChatEngine:
             raise EngineError(str(error)) from None
         if settings.max_new_tokens < 1:
             raise EngineError("max_new_tokens must be at least 1")
-        inputs = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        inputs = {k: v for k, v in dict(inputs).items() if torch.is_tensor(v) and k != "attention_mask"}
+        if settings.seed is not None and not 0 <= int(settings.seed) <= MAX_SEED:
+            raise EngineError(f"The seed must be a whole number from 0 to {MAX_SEED}, or empty for a random one; "
+                              f"got {settings.seed}.")
+        self._check_texts(messages)
+        inputs = self.prompts.encode(messages)
         prompt_ids = inputs["input_ids"][0].tolist()
         room = self.context_tokens - len(prompt_ids)
         if room < 1:
@@ -225,6 +234,23 @@ class ChatEngine:
             session_id=session_id,
             image_key=image_key(inputs),  # hashed here, in the caller's thread, not in the serving loop
         )
+
+    def _check_texts(self, messages: list[dict]) -> None:
+        """Refuse what cannot be tokenized, before tokenizing: text that is not valid Unicode, and
+        more characters than the context could hold (tokenizing megabytes costs gigabytes)."""
+        texts = [text for _, text in message_texts(messages)]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise EngineError(f"The message has a character that is not valid Unicode (an unpaired surrogate, "
+                                  f"U+{ord(text[error.start]):04X}, at character {error.start + 1}). Remove it "
+                                  "and send the message again.") from None
+        limit = self.context_tokens * CHARACTERS_PER_TOKEN
+        length = sum(map(len, texts))
+        if length > limit:
+            raise PromptTooLong(f"The conversation is {length:,} characters long and this server takes at most "
+                                f"{limit:,} ({self.context_tokens:,} tokens). Shorten the message or clear the chat.")
 
     def close(self) -> None:
         self.scheduler.close()
