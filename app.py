@@ -19,9 +19,13 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.server import launch, load_engine
+    from app.server import launch, load_engine, port_problem
     from app.ui import build_demo
 
+    problem = port_problem(config)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     engine = load_engine(config)
     if engine is None:
         return 1

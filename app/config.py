@@ -36,6 +36,7 @@ class AppConfig:
     queue_size: int = 32         # requests waiting beyond those
     auth: tuple[str, str] | None = None
     compile: bool = False        # fixed-shape decoding through torch.compile (+ CUDA graphs on a GPU)
+    upload_max_age_s: int = 3600  # uploaded files older than this are deleted (checked as often)
 
 
 # flag -> (environment variable, help)
@@ -43,8 +44,8 @@ _FLAGS = {
     "model": ("MLLAMA_MODEL", "checkpoint folder or Hugging Face Hub id (default: "
                               f"{LLAMA_VISION} if it is in the local Hub cache, else the tiny demo model)"),
     "dtype": ("MLLAMA_DTYPE", f"weights dtype, one of {', '.join(DTYPES)}"),
-    "device_map": ("MLLAMA_DEVICE_MAP", "where to put the model: 'auto' (the GPUs if any, else the CPU; "
-                                        "the default), 'cuda', 'cuda:1', 'cpu', ..."),
+    "device_map": ("MLLAMA_DEVICE_MAP", "where to put the model: 'auto' (the GPUs if any, else the CPU), "
+                                        "'cuda', 'cuda:1', 'cpu', ..."),
     "host": ("GRADIO_SERVER_NAME", "address to listen on; 0.0.0.0 for every interface"),
     "port": ("GRADIO_SERVER_PORT", "port to listen on"),
     "share": ("GRADIO_SHARE", "also open a public *.gradio.live link (expires after a week)"),
@@ -118,12 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="app.py", description="Chat with Llama 3.2 Vision about pictures, in the browser.",
         epilog="Every flag has an environment variable (shown in brackets); the flag wins.")
+    defaults = AppConfig(model="")
     for name, (variable, text) in _FLAGS.items():
         flag = "--" + name.replace("_", "-")
         if name in SWITCHES:
-            parser.add_argument(flag, action="store_true", help=f"{text} [{variable}]")
-        else:
-            parser.add_argument(flag, default=None, help=f"{text} [{variable}]")
+            parser.add_argument(flag, action="store_true", help=f"{text} (default: off) [{variable}]")
+            continue
+        default = getattr(defaults, name)
+        shown = "" if name == "model" else f" (default: {'none' if default is None else default})"
+        parser.add_argument(flag, default=None, help=f"{text}{shown} [{variable}]")
     return parser
 
 

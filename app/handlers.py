@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from model.image_io import ImageLoadError
-from serving import ReplyStats
+from serving import EngineError, ReplyStats
 
 from .answering import RunningAnswers, drain, failure_message, read_picture, settings_from
 from .conversation import (STOPPED_BEFORE_START, Conversation, ConversationError, ask, engine_messages, finish,
@@ -99,7 +99,9 @@ class ChatHandlers:
                     record_piece(turn, item)
                 yield conversation, chat_messages(conversation)
         except Exception as error:  # noqa: BLE001 - every failure becomes a message; the history stays
-            if not isinstance(error, (ConversationError, ImageLoadError)):
+            if isinstance(error, (ConversationError, ImageLoadError, EngineError)):
+                log.info("answer refused: %s", error)  # the user's to fix: one line, no traceback
+            else:
                 log.exception("answer failed")
             message = failure_message(error)
             finish(turn, error=message)

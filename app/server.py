@@ -1,8 +1,13 @@
 """Loading the engine with readable failures, and serving the page with the app's launch settings."""
 from __future__ import annotations
 
+import asyncio
+import hmac
+import socket
 import sys
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -13,6 +18,44 @@ if TYPE_CHECKING:
     from serving import Engine
 
 MAX_UPLOAD = "20mb"  # larger pictures gain nothing: the model sees at most 4 tiles of 560 px
+
+
+LoginCheck = Callable[[str, str], Awaitable[bool]]
+
+
+def slowed_login(user: str, password: str, *, window_s: float = 60.0, step_s: float = 0.5, most_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> LoginCheck:
+    """Gradio's login check for one USER:PASSWORD, answering each wrong attempt after a delay that
+    grows with the failures of the last `window_s` seconds (by `step_s`, at most `most_s`), so
+    guessing is slow while a right password is never delayed."""
+    failures: deque[float] = deque()
+
+    async def check(username: str, attempt: str) -> bool:
+        right = hmac.compare_digest(username.encode(), user.encode())
+        right &= hmac.compare_digest(attempt.encode(), password.encode())
+        if right:
+            return True
+        now = clock()
+        while failures and failures[0] < now - window_s:
+            failures.popleft()
+        failures.append(now)
+        await sleep(min(most_s, step_s * len(failures)))
+        return False
+
+    return check
+
+
+def port_problem(config: AppConfig) -> str | None:
+    """Why the app could not listen on its address, found before the minutes of loading a model."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+            probe.bind((config.host, config.port))
+    except OSError as error:
+        return (f"Cannot listen on {config.host}:{config.port} ({error.strerror or error}). Another program "
+                f"(another copy of this app?) may be using the port: pass another one with --port, e.g. "
+                f"--port {config.port + 1}.")
+    return None
 
 
 def load_engine(config: AppConfig) -> Engine | None:
@@ -41,7 +84,7 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides: Any) -> tuple:
     from .ui import CSS
 
     demo.queue(max_size=config.queue_size, default_concurrency_limit=config.max_batch)
-    options = dict(server_name=config.host, server_port=config.port, share=config.share, auth=config.auth,
+    options = dict(server_name=config.host, server_port=config.port, share=config.share, auth=slowed_login(*config.auth) if config.auth else None,
                    max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES_DIR)], css=CSS,
                    footer_links=["api", "settings"], show_error=True)
     return demo.launch(**{**options, **overrides})

@@ -34,7 +34,9 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
     examples = load_examples(EXAMPLES_DIR) if EXAMPLES_DIR.is_dir() else []
     default_seed = RANDOM_SEED if defaults.seed is None else defaults.seed
 
-    with gr.Blocks(title="Llama 3.2 Vision chat", fill_height=True) as demo:
+    # Uploads pile up in Gradio's temporary folder whether or not a message is sent: delete old ones.
+    max_age = config.upload_max_age_s
+    with gr.Blocks(title="Llama 3.2 Vision chat", fill_height=True, delete_cache=(max_age, max_age)) as demo:
         conversation = gr.State(Conversation())
 
         # ---- the page -------------------------------------------------------------------------

@@ -152,3 +152,63 @@ def test_ask_refuses_invalid_unicode_with_a_clear_message_and_keeps_working(tiny
         stream = http.get(f"gradio_api/call/ask/{event.json()['event_id']}").text
     assert "event: error" in stream and "not valid Unicode" in stream, stream
     assert isinstance(ask(client, None, "Hello").result(), str)
+
+
+def test_uploads_are_deleted_once_they_are_old(tmp_path):
+    """Files sent to the upload route stay in Gradio's temporary folder even when no message is
+    sent; the app deletes them after `upload_max_age_s` (an hour by default, a second here)."""
+    import time
+
+    import httpx
+
+    from app.config import TINY_MODEL
+    from conftest import _serve_app
+
+    serving = _serve_app(TINY_MODEL, upload_max_age_s=1, max_batch=1, queue_size=2)
+    app = next(serving)
+    try:
+        files = [("files", (f"big{i}.png", b"0" * 2**20)) for i in range(5)]
+        with httpx.Client(base_url=app.url, timeout=60) as http:
+            stored = http.post("gradio_api/upload", files=files).json()
+        assert len(stored) == 5 and all(Path(p).is_file() for p in stored)
+        deadline = time.monotonic() + 30  # deletion runs every second; allow a busy machine
+        while any(Path(p).exists() for p in stored) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(Path(p).exists() for p in stored), "old uploads must be deleted"
+    finally:
+        next(serving, None)
+
+
+def test_the_login_takes_the_right_password_and_refuses_wrong_ones():
+    import httpx
+
+    from app.config import TINY_MODEL
+    from conftest import _serve_app
+
+    serving = _serve_app(TINY_MODEL, auth=("ada", "secret"), max_batch=1, queue_size=2)
+    app = next(serving)
+    try:
+        with httpx.Client(base_url=app.url, timeout=60) as http:
+            wrong = http.post("login", data={"username": "ada", "password": "guess"})
+            right = http.post("login", data={"username": "ada", "password": "secret"})
+        assert wrong.status_code == 400 and right.status_code == 200, (wrong.text, right.text)
+    finally:
+        next(serving, None)
+
+
+def test_a_users_mistake_is_logged_in_one_line_without_a_traceback(tiny_app, caplog):
+    """The page's answer handler on the real engine: a seed out of range is the user's to fix."""
+    from types import SimpleNamespace
+
+    from app.answering import RunningAnswers
+    from app.conversation import Conversation, ask as add_question
+    from app.handlers import ChatHandlers
+
+    handlers = ChatHandlers(tiny_app.engine, 64, RunningAnswers())
+    conversation = add_question(Conversation(), "What color is the shape?", [])
+    with caplog.at_level("INFO", logger="app.handlers"):
+        list(handlers.answer(conversation, "", 0.0, 1.0, 0, 16, 1.0, 2**64, SimpleNamespace(session_hash="mistake")))
+    records = [r for r in caplog.records if r.name == "app.handlers"]
+    assert records and all(r.exc_info is None for r in records), "a user's mistake must not log a traceback"
+    assert "The seed must be a whole number" in records[0].getMessage()
+    assert conversation.turns[-1].done, "the turn ends with the message, the conversation stays usable"

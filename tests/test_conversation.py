@@ -383,3 +383,50 @@ def test_a_damaged_picture_is_reported_by_its_file_name(tmp_path):
     with pytest.raises(ImageLoadError, match="holiday.png") as caught:
         read_picture(str(broken))
     assert str(tmp_path) not in str(caught.value), "the upload folder means nothing to the user"
+
+
+def test_help_shows_every_default():
+    import subprocess
+    import sys
+
+    text = subprocess.run([sys.executable, "app.py", "--help"], capture_output=True, text=True, check=True).stdout
+    for shown in ("(default: 7860)", "(default: 127.0.0.1)", "(default: 1024)", "(default: 4096)", "(default: 8)",
+                  "(default: 32)", "(default: auto)", "(default: off)"):
+        assert shown in " ".join(text.split()), f"--help does not show {shown}"
+
+
+def test_a_taken_port_is_reported_in_one_line_before_any_model_loads():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "app.py", "--port", str(port)], capture_output=True, text=True,
+                             timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and f"--port {port + 1}" in run.stderr, run.stderr
+    assert "Loading" not in run.stdout, "the port must be checked before the model loads"
+
+
+def test_wrong_passwords_are_answered_ever_more_slowly_and_a_right_one_at_once():
+    import asyncio
+
+    from app.server import slowed_login
+
+    now, waits = [0.0], []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    check = slowed_login("ada", "secret", clock=lambda: now[0], sleep=sleep)
+    results = [asyncio.run(check("ada", f"guess{i}")) for i in range(12)]
+    assert results == [False] * 12
+    assert waits == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.0, 5.0], "each failure should wait longer"
+    assert asyncio.run(check("ada", "secret")) is True and len(waits) == 12, "a right password is not delayed"
+    assert asyncio.run(check("bob", "secret")) is False
+    now[0] = 1000.0  # a minute later the failures are forgotten
+    asyncio.run(check("ada", "nope"))
+    assert waits[-1] == 0.5
