@@ -6,6 +6,7 @@ checks it every decode step) and waits until the answer has written its last sta
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from pathlib import Path
@@ -91,15 +92,35 @@ def drain(pieces: Iterator[str | ReplyStats]) -> ReplyStats | None:
     return None
 
 
-def read_picture(path: str) -> Any:
-    """`load_image`, with every failure as an ImageLoadError that says what to do."""
+# A picture is decoded at full size before it is shrunk (PNG has no reduced-scale decoding), and a
+# large one takes hundreds of MB while it is: at most this many at once, whatever the traffic.
+FULL_SIZE_DECODES = threading.BoundedSemaphore(2)
+
+
+def read_picture(path: str, max_side: int | None = None) -> Any:
+    """`load_image`, shrunk to fit `max_side` (the model sees no more), with every failure as an
+    ImageLoadError that says what to do."""
     try:
-        return load_image(path)
+        with FULL_SIZE_DECODES:
+            picture = load_image(path, max_side=max_side)
+            if "original_size" in picture.info:
+                _return_freed_memory()
+            return picture
     except ImageLoadError as error:  # name the file as the user knows it, not by its upload path
         raise ImageLoadError(str(error).replace(str(path), Path(path).name)) from None
     except Exception as error:  # noqa: BLE001 - a damaged file can fail deep inside PIL
         raise ImageLoadError(f"The picture could not be read ({type(error).__name__}: {error}); the file is "
                              "probably damaged or not an image. Try another PNG, JPEG or WebP file.") from None
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed pages of a full-size decode back to the system: glibc keeps freed heap
+    memory for reuse, so each thread that decoded a large picture would otherwise stay hundreds
+    of MB larger."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def failure_message(error: Exception) -> str:

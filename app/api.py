@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 def add_ask_endpoint(engine: Engine, limit: int, concurrency_limit: int) -> None:
     """Register `/ask` on the Blocks being built. Its components are invisible: it has no place on the page."""
     defaults = engine.info.defaults
+    largest_picture = engine.info.tile_size * engine.info.max_tiles  # the model sees no more pixels
 
     # The parameter names are the API's; a default of None makes a parameter optional for clients.
     def ask(image: str | None = None, question: str = "", max_new_tokens: float | None = None,
@@ -38,7 +39,7 @@ def add_ask_endpoint(engine: Engine, limit: int, concurrency_limit: int) -> None
                 defaults.top_k, defaults.repetition_penalty, seed, limit=limit)
             content: list[dict] = [{"type": "text", "text": (question or "").strip() or DEFAULT_QUESTION}]
             if image is not None:
-                content.insert(0, {"type": "image", "image": read_picture(image)})
+                content.insert(0, {"type": "image", "image": read_picture(image, largest_picture)})
         except (ImageLoadError, ValueError) as error:
             raise gr.Error(str(error)) from None
         cancel = threading.Event()

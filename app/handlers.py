@@ -8,6 +8,7 @@ the turn they happened in and shown as a warning.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,8 @@ class ChatHandlers:
     def __init__(self, engine: Engine, max_new_tokens: int, running: RunningAnswers):
         self.engine = engine
         self.max_new_tokens = max_new_tokens
+        side = engine.info.tile_size * engine.info.max_tiles  # the model sees no more pixels
+        self.read_picture = functools.partial(read_picture, max_side=side)
         self.running = running
 
     # -- reading the picture -------------------------------------------------------------------
@@ -56,7 +59,7 @@ class ChatHandlers:
         picture = conversation.picture
         if picture is None:
             return None, picture_card(None, self.engine.info.tile_size)
-        info = self.engine.describe_image(read_picture(picture))
+        info = self.engine.describe_image(self.read_picture(picture))
         return picture, picture_card(info, self.engine.info.tile_size)
 
     def _asked(self, conversation: Conversation, message: dict | None) -> tuple[Conversation, str | None, str]:
@@ -89,7 +92,7 @@ class ChatHandlers:
         try:
             settings = settings_from(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                                      limit=self.max_new_tokens)
-            messages = engine_messages(conversation, system_prompt or "", read_picture)
+            messages = engine_messages(conversation, system_prompt or "", self.read_picture)
             pieces = self.engine.chat(messages, settings, cancel=cancel,
                                       session_id=f"{session}/{conversation.thread_key}")
             for item in pieces:

@@ -10,6 +10,9 @@ Decisions:
 - Animated images (GIF, APNG, WebP) give their first frame.
 - Pixel limit: images larger than `MAX_IMAGE_PIXELS` are refused from the header, before any
   pixel is decoded, so a decompression bomb cannot exhaust memory.
+- `max_side`: a caller that needs no more pixels (a model sees at most a few tiles) gets the
+  image shrunk to fit a max_side square, decoded at a reduced scale where the format allows
+  (JPEG), before anything else copies it; `image.info["original_size"]` keeps the file's size.
 """
 from __future__ import annotations
 
@@ -35,21 +38,22 @@ class ImageLoadError(ValueError):
     """An image could not be read; the message says why and what to do."""
 
 
-def load_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode `source` (path, URL, data URI, bytes, PIL image, numpy array or torch tensor) to a PIL image."""
+def load_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = None) -> Image.Image:
+    """Decode `source` (path, URL, data URI, bytes, PIL image, numpy array or torch tensor) to a PIL
+    image; with `max_side`, one that fits a max_side x max_side square (aspect ratio kept)."""
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, "The image")
         return source
     if isinstance(source, (bytes, bytearray)):
-        return _decode(bytes(source), "the given bytes", max_pixels)
+        return _decode(bytes(source), "the given bytes", max_pixels, max_side)
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str):
         if source.startswith(("http://", "https://")):
-            return _decode(_download(source), source, max_pixels)
+            return _decode(_download(source), source, max_pixels, max_side)
         if source.startswith("data:"):
-            return _decode(_data_uri(source), "the data URI", max_pixels)
-        return _decode(_read_file(source), source, max_pixels)
+            return _decode(_data_uri(source), "the data URI", max_pixels, max_side)
+        return _decode(_read_file(source), source, max_pixels, max_side)
     if isinstance(source, np.ndarray) or type(source).__module__.startswith("torch"):
         from .image_processing import to_rgb_array  # arrays are validated where they are converted
 
@@ -110,7 +114,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
         raise ImageLoadError(f"{what} has no pixels ({width}x{height}). Pass a non-empty image.")
 
 
-def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def _decode(data: bytes, name: str, max_pixels: int, max_side: int | None = None) -> Image.Image:
     if not data:
         raise ImageLoadError(f"{name} is empty (0 bytes). Pass a complete image file.")
     with warnings.catch_warnings():
@@ -132,8 +136,18 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
         _check_pixels(image.size, max_pixels, f"{name}")
         try:
             image.seek(0)  # animated images: the first frame
+            original_size = image.size
+            if max_side is not None and max(image.size) > max_side:
+                image.draft(image.mode, (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+                image.load()
+                # A square bound: shrinking before the EXIF rotation gives the same result, cheaper.
+                image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
             image.load()
+            stored = image.size
             image = ImageOps.exif_transpose(image)
+            if stored != original_size:
+                turned = image.size != stored  # the EXIF rotation swapped the sides
+                image.info["original_size"] = original_size[::-1] if turned else original_size
         except Image.DecompressionBombError:
             raise ImageLoadError(f"{name} is a decompression bomb. Shrink the image before sending it.") from None
         except (OSError, SyntaxError, ValueError) as error:

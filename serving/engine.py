@@ -183,7 +183,8 @@ class ChatEngine:
         size = self.info.tile_size
         canvas_h, canvas_w = get_optimal_tiled_canvas(image.height, image.width, self.info.max_tiles, size)
         grid = (canvas_h // size, canvas_w // size)
-        return ImageInfo(width=image.width, height=image.height, tiles=grid[0] * grid[1], grid=grid)
+        width, height = image.info.get("original_size", image.size)  # a picture shrunk on loading
+        return ImageInfo(width=width, height=height, tiles=grid[0] * grid[1], grid=grid)
 
     def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
              cancel: threading.Event | None = None, session_id: str | None = None) -> Reply:

@@ -308,6 +308,17 @@ def test_exif_orientation_is_applied_when_loading_files(tmp_path):
     assert Image.open(path).size == (40, 20), "an opened PIL image is passed to the processor as it is"
 
 
+@pytest.mark.parametrize("name", ["big.jpg", "big.png"])
+def test_max_side_shrinks_a_large_picture_and_remembers_its_size(tmp_path, name):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 1500 x 4000
+    path = saved(pil(4000, 1500), tmp_path / name, exif=exif)
+    image = load_image(path, max_side=1000)
+    assert image.size == (375, 1000), "shrunk to fit 1000 x 1000, after the EXIF rotation"
+    assert image.info["original_size"] == (1500, 4000), "the size the file shows"
+    assert "original_size" not in load_image(path, max_side=5000).info, "a picture that fits is left alone"
+
+
 def test_sixteen_bit_png_loads_and_processes(tmp_path, ours):
     levels = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
     path = saved(Image.fromarray(levels), tmp_path / "deep.png")
