@@ -114,11 +114,13 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
         retry_answer = retried.success(handlers.answer, [conversation, *settings], shown, **answering)
         retry_answer.then(textbox_ready, None, textbox, **quick)
 
+        # Stop and Clear skip the queue: they must work when it is full (they only free work).
+        immediate = {"api_visibility": "private", "queue": False, "show_progress": "hidden"}
         textbox.stop(handlers.stop, conversation, [*shown, textbox], cancels=[submit_answer, retry_answer],
-                     **quick)
+                     **immediate)
         undo_button.click(handlers.undo, conversation, [*shown, textbox, *card], **quick)
         clear_button.click(handlers.clear, None, [*shown, textbox, *card], cancels=[submit_answer, retry_answer],
-                           **quick)
+                           **immediate)
         reset_button.click(lambda: [defaults.temperature, defaults.top_p, defaults.top_k,
                                     min(defaults.max_new_tokens, config.max_new_tokens),
                                     defaults.repetition_penalty, default_seed],

@@ -326,3 +326,42 @@ def test_closing_the_tab_stops_the_computation(open_page, talkative_app):
 
 def busy_slots(engine) -> int:
     return sum(slot is not None for slot in engine.scheduler.policy.slots)
+
+
+@pytest.fixture(scope="module")
+def crowded_app(tmp_path_factory):
+    """The talkative checkpoint behind one answer slot and a queue of one: easy to fill."""
+    import json
+
+    from conftest import _serve_app
+    from engine_checkpoint import write_engine_checkpoint
+
+    folder = write_engine_checkpoint(tmp_path_factory.mktemp("crowded"))
+    generation = folder / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": []}))
+    yield from _serve_app(folder, max_new_tokens=16000, context_tokens=16384, max_batch=1, queue_size=1)
+
+
+def test_stop_works_and_says_stopped_while_the_queue_is_full(open_page, crowded_app):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    page = open_page(app=crowded_app)
+    set_settings(page, max_new_tokens=LONG_BUDGET)
+    send(page, "Write a long story about the sea.")
+    expect(answers(page)).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
+    other = Client(crowded_app.url, verbose=False)
+    try:
+        waiting = other.submit(None, "Another long story", 16000, 0, 1.0, None, api_name="/ask")
+        deadline = time.monotonic() + 30
+        while waiting.status().code != Status.IN_QUEUE and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert waiting.status().code == Status.IN_QUEUE, "the queue of one should now be full"
+        page.locator("#message .stop-button").click()
+        wait_until_answered(page)
+        expect(figures(page).last).to_contain_text("stopped")
+        expect(page.get_by_text("currently busy")).to_have_count(0)
+        screenshot(page, "09-stopped-with-a-full-queue")
+    finally:
+        waiting.cancel()
+        other.close()
