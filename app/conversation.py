@@ -78,6 +78,11 @@ def ask(conversation: Conversation, text: str, files: list[str]) -> Conversation
         raise ConversationError(f"You attached {len(files)} files, but Llama 3.2 Vision looks at one picture at "
                                 "a time. Send one picture per message.")
     text = text.strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # an unpaired surrogate: nothing can tokenize or show it
+        raise ConversationError(f"The message has a character that is not valid Unicode (U+{ord(text[error.start]):04X} "
+                                f"at character {error.start + 1}). Remove it and send the message again.") from None
     picture = files[0] if files else None
     if not text and picture is None:
         raise ConversationError("Type a question, or add a picture (clip button, paste, or drag and drop).")

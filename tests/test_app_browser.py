@@ -365,3 +365,21 @@ def test_stop_works_and_says_stopped_while_the_queue_is_full(open_page, crowded_
     finally:
         waiting.cancel()
         other.close()
+
+
+def test_a_message_with_invalid_unicode_is_refused_and_the_page_keeps_working(open_page):
+    page = open_page()
+    box = page.locator("#message textarea")
+    box.fill("placeholder")
+    # A lone surrogate can reach a page by pasting broken text; typing cannot produce one.
+    box.evaluate("""el => {
+        const set = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set;
+        set.call(el, 'What color\\uD800 is it?');
+        el.dispatchEvent(new Event('input', {bubbles: true}));
+    }""")
+    box.press("Enter")
+    expect(page.get_by_text("not valid Unicode")).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
+    box.fill("Hello!")
+    box.press("Enter")
+    wait_until_answered(page)
+    expect(answers(page)).to_have_count(1)

@@ -258,3 +258,16 @@ def test_eight_huge_pictures_at_once_stay_within_a_memory_bound(tiny_app, tmp_pa
     assert all("red" in a.lower() for a in answers), answers
     assert peak[0] - base < 2.5 * 2**30, f"peak +{(peak[0] - base) / 2**20:.0f} MB"
     assert resident() - base < 0.6 * 2**30, f"+{(resident() - base) / 2**20:.0f} MB kept after"
+
+
+def test_ask_refuses_a_40_mb_question_before_tokenizing_it(client):
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    question = "red " * 10_000_000
+    before = resident()
+    with pytest.raises(AppError, match="39,999,999 characters long and this server takes at most"):  # stripped
+        ask(client, None, question).result()
+    grown = resident() - before
+    assert grown < 1 * 2**30, f"+{grown / 2**20:.0f} MB: the question must not be tokenized (that took +7.7 GB)"

@@ -430,3 +430,10 @@ def test_wrong_passwords_are_answered_ever_more_slowly_and_a_right_one_at_once()
     now[0] = 1000.0  # a minute later the failures are forgotten
     asyncio.run(check("ada", "nope"))
     assert waits[-1] == 0.5
+
+
+def test_a_message_with_invalid_unicode_is_not_sent_and_the_conversation_stays_usable():
+    conversation = answered(Conversation(), "hello")
+    with pytest.raises(ConversationError, match="not valid Unicode \\(U\\+DC80 at character 6\\)"):
+        ask(conversation, "what \udc80 is", [])
+    assert not ask(conversation, "what is it", []).turns[-1].done
