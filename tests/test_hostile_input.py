@@ -85,3 +85,9 @@ def test_a_seed_out_of_range_gets_a_clear_message_and_the_engine_keeps_working(e
 def test_invalid_unicode_gets_a_clear_message(engine):
     with pytest.raises(EngineError, match="not valid Unicode .*U\\+D800, at character 4"):
         engine.chat([user("abc\ud800def")], GenerationSettings(max_new_tokens=3, temperature=0))
+
+
+def test_a_huge_system_prompt_is_refused_too(engine):
+    with pytest.raises(PromptTooLong, match="characters long"):
+        engine.chat([{"role": "system", "content": "be brief " * 1_000_000}, user("hi")],
+                    GenerationSettings(max_new_tokens=3, temperature=0))
