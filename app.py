@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     engine = load_engine(config)
     if engine is None:
         return 1
-    launch(build_demo(engine, config), config)
+    launch(build_demo(engine, config), config, engine)
     return 0
 
 

@@ -98,15 +98,17 @@ FULL_SIZE_DECODES = threading.BoundedSemaphore(2)
 
 
 def read_picture(path: str, max_side: int | None = None) -> Any:
-    """`load_image`, shrunk to fit `max_side` (the model sees no more), with every failure as an
-    ImageLoadError that says what to do."""
+    """`load_image` of a file path (or a data or http(s) URL), shrunk to fit `max_side` (the model
+    sees no more), with every failure as an ImageLoadError that says what to do."""
     try:
         with FULL_SIZE_DECODES:
             picture = load_image(path, max_side=max_side)
             if "original_size" in picture.info:
                 _return_freed_memory()
             return picture
-    except ImageLoadError as error:  # name the file as the user knows it, not by its upload path
+    except ImageLoadError as error:  # name a file as the user knows it, not by its upload path
+        if str(path).startswith(("data:", "http://", "https://")):
+            raise
         raise ImageLoadError(str(error).replace(str(path), Path(path).name)) from None
     except Exception as error:  # noqa: BLE001 - a damaged file can fail deep inside PIL
         raise ImageLoadError(f"The picture could not be read ({type(error).__name__}: {error}); the file is "

@@ -35,6 +35,7 @@ class AppConfig:
     max_batch: int = 8           # answers generated at the same time
     queue_size: int = 32         # requests waiting beyond those
     auth: tuple[str, str] | None = None
+    api_key: str | None = None   # required as "Authorization: Bearer KEY" by /v1
     compile: bool = False        # fixed-shape decoding through torch.compile (+ CUDA graphs on a GPU)
     upload_max_age_s: int = 3600  # uploaded files older than this are deleted (checked as often)
 
@@ -54,6 +55,8 @@ _FLAGS = {
     "max_batch": ("MLLAMA_MAX_BATCH", "answers generated at the same time"),
     "queue_size": ("MLLAMA_QUEUE_SIZE", "requests that may wait beyond those; more get 'queue full'"),
     "auth": ("MLLAMA_AUTH", "require a login, given as USER:PASSWORD"),
+    "api_key": ("MLLAMA_API_KEY", "require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1 API (with "
+                                  "--auth and no key, /v1 is closed)"),
     "compile": ("MLLAMA_COMPILE", "decode through torch.compile, with CUDA graphs on a single GPU (faster "
                                   "answers; each batch size compiles once, on first use, for up to minutes)"),
 }
@@ -89,6 +92,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         max_batch=_positive_int("max_batch", raw["max_batch"], defaults.max_batch),
         queue_size=_positive_int("queue_size", raw["queue_size"], defaults.queue_size),
         auth=_auth(raw["auth"]),
+        api_key=raw["api_key"] or None,
         compile=_boolean("compile", raw["compile"]),
     )
 

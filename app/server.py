@@ -79,12 +79,20 @@ def load_engine(config: AppConfig) -> Engine | None:
     return engine
 
 
-def launch(demo: gr.Blocks, config: AppConfig, **overrides: Any) -> tuple:
-    """Queue and serve `demo`; `overrides` go to `Blocks.launch` (tests pass prevent_thread_lock=True)."""
+def launch(demo: gr.Blocks, config: AppConfig, engine: Engine, **overrides: Any) -> tuple:
+    """Queue and serve `demo`, with the OpenAI-compatible /v1 API on the same server; `overrides`
+    go to `Blocks.launch` (tests pass prevent_thread_lock=True)."""
+    from .openai_api import add_openai_api
     from .ui import CSS
 
     demo.queue(max_size=config.queue_size, default_concurrency_limit=config.max_batch)
-    options = dict(server_name=config.host, server_port=config.port, share=config.share, auth=slowed_login(*config.auth) if config.auth else None,
+    options = dict(server_name=config.host, server_port=config.port, share=config.share,
+                   auth=slowed_login(*config.auth) if config.auth else None,
                    max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES_DIR)], css=CSS,
                    footer_links=["api", "settings"], show_error=True)
-    return demo.launch(**{**options, **overrides})
+    block = not overrides.get("prevent_thread_lock", False)
+    started = demo.launch(**{**options, **overrides, "prevent_thread_lock": True})
+    add_openai_api(demo.app, engine, config)  # Gradio builds its server in launch(): add the routes to it
+    if block:
+        demo.block_thread()
+    return started

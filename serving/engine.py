@@ -115,7 +115,10 @@ class Reply:
 
     def close(self) -> None:
         self._request.cancel.set()
-        self._items.close()
+        try:
+            self._items.close()
+        except ValueError:  # being read in another thread right now: the cancel flag ends it
+            pass
 
     def wait(self, timeout: float | None = None) -> ReplyStats | None:
         """The figures of the finished reply (None if it has not finished within `timeout`)."""

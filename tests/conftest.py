@@ -99,7 +99,7 @@ def _serve_app(model: Path, **config: object):
     engine = load_engine(settings)
     assert engine is not None, f"the engine could not load {model}"
     demo = build_demo(engine, settings)
-    _, url, _ = launch(demo, settings, server_port=None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch(demo, settings, engine, server_port=None, prevent_thread_lock=True, quiet=True)
     yield SimpleNamespace(url=url.rstrip("/") + "/", engine=engine, config=settings)
     demo.close()
     engine.close()
