@@ -124,9 +124,13 @@ def talkative_app(tmp_path_factory):
     For the tests that need an answer long enough to be stopped: tiny-mllama always ends its
     answer after a few words, at any temperature.
     """
-    from engine_checkpoint import write_engine_checkpoint
+    from engine_checkpoint import write_talkative_checkpoint
 
-    folder = write_engine_checkpoint(tmp_path_factory.mktemp("talkative"))
-    generation = folder / "generation_config.json"
-    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": []}))
+    folder = write_talkative_checkpoint(tmp_path_factory.mktemp("talkative"))
     yield from _serve_app(folder, max_new_tokens=16000, context_tokens=16384, max_batch=4, queue_size=16)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux), for tests that bound what a request costs."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096

@@ -36,3 +36,11 @@ def write_engine_checkpoint(folder: Path, seed: int = 0) -> Path:
         "pad_token_id": ORDINARY + 4, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
     }))
     return folder
+
+
+def write_talkative_checkpoint(folder: Path) -> Path:
+    """The same checkpoint without an end token: every answer runs to its token budget."""
+    write_engine_checkpoint(folder)
+    generation = folder / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": []}))
+    return folder

@@ -331,14 +331,10 @@ def busy_slots(engine) -> int:
 @pytest.fixture(scope="module")
 def crowded_app(tmp_path_factory):
     """The talkative checkpoint behind one answer slot and a queue of one: easy to fill."""
-    import json
-
     from conftest import _serve_app
-    from engine_checkpoint import write_engine_checkpoint
+    from engine_checkpoint import write_talkative_checkpoint
 
-    folder = write_engine_checkpoint(tmp_path_factory.mktemp("crowded"))
-    generation = folder / "generation_config.json"
-    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": []}))
+    folder = write_talkative_checkpoint(tmp_path_factory.mktemp("crowded"))
     yield from _serve_app(folder, max_new_tokens=16000, context_tokens=16384, max_batch=1, queue_size=1)
 
 

@@ -224,9 +224,7 @@ def test_eight_huge_pictures_at_once_stay_within_a_memory_bound(tiny_app, tmp_pa
 
     from PIL import Image, ImageDraw
 
-    def resident() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+    from conftest import resident_bytes as resident
 
     path = tmp_path / "huge.png"
     image = Image.new("RGB", (11000, 11000), (230, 230, 230))
@@ -261,9 +259,7 @@ def test_eight_huge_pictures_at_once_stay_within_a_memory_bound(tiny_app, tmp_pa
 
 
 def test_ask_refuses_a_40_mb_question_before_tokenizing_it(client):
-    def resident() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+    from conftest import resident_bytes as resident
 
     question = "red " * 10_000_000
     before = resident()

@@ -63,9 +63,7 @@ def test_a_typed_image_token_without_a_picture_is_answered(engine):
 
 def test_a_huge_question_is_refused_before_tokenizing_it(engine):
     """40 MB of text would take tens of seconds and gigabytes to tokenize."""
-    def resident() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+    from conftest import resident_bytes as resident
 
     question = "red " * 10_000_000
     before = resident()

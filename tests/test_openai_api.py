@@ -156,11 +156,9 @@ def test_an_api_key_is_required_when_set_and_a_login_alone_closes_the_api():
 
 def test_a_full_queue_gets_429(tmp_path):
     from conftest import _serve_app
-    from engine_checkpoint import write_engine_checkpoint
+    from engine_checkpoint import write_talkative_checkpoint
 
-    folder = write_engine_checkpoint(tmp_path / "busy")
-    generation = folder / "generation_config.json"
-    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": []}))
+    folder = write_talkative_checkpoint(tmp_path / "busy")
     serving = _serve_app(folder, max_new_tokens=16000, context_tokens=16384, max_batch=1, queue_size=1)
     app = next(serving)
     client = OpenAI(base_url=app.url + "v1", api_key="unused", max_retries=0)
