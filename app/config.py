@@ -36,6 +36,9 @@ class AppConfig:
     queue_size: int = 32         # requests waiting beyond those
     auth: tuple[str, str] | None = None
     api_key: str | None = None   # required as "Authorization: Bearer KEY" by /v1
+    backend: str | None = None   # an OpenAI-compatible server that answers instead of a local model
+    backend_api_key: str | None = None
+    backend_model: str | None = None
     compile: bool = False        # fixed-shape decoding through torch.compile (+ CUDA graphs on a GPU)
     upload_max_age_s: int = 3600  # uploaded files older than this are deleted (checked as often)
 
@@ -57,6 +60,10 @@ _FLAGS = {
     "auth": ("MLLAMA_AUTH", "require a login, given as USER:PASSWORD"),
     "api_key": ("MLLAMA_API_KEY", "require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1 API (with "
                                   "--auth and no key, /v1 is closed)"),
+    "backend": ("MLLAMA_BACKEND", "URL of an OpenAI-compatible server (e.g. http://gpu-box:8000/v1) that answers "
+                                  "instead of a model loaded here; --model, --dtype and --device-map then do nothing"),
+    "backend_api_key": ("MLLAMA_BACKEND_API_KEY", "the key that server wants (sent as a Bearer token)"),
+    "backend_model": ("MLLAMA_BACKEND_MODEL", "the server's model to use (default: the first one it lists)"),
     "compile": ("MLLAMA_COMPILE", "decode through torch.compile, with CUDA graphs on a single GPU (faster "
                                   "answers; each batch size compiles once, on first use, for up to minutes)"),
 }
@@ -93,6 +100,9 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         queue_size=_positive_int("queue_size", raw["queue_size"], defaults.queue_size),
         auth=_auth(raw["auth"]),
         api_key=raw["api_key"] or None,
+        backend=raw["backend"] or None,
+        backend_api_key=raw["backend_api_key"] or None,
+        backend_model=raw["backend_model"] or None,
         compile=_boolean("compile", raw["compile"]),
     )
 

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from model.image_io import ImageLoadError
 from serving import EngineBusy, EngineError, GenerationSettings, ReplyStats
+from serving.errors import EngineClosed
 
 from .answering import read_picture
 from .config import AppConfig
@@ -87,6 +88,8 @@ def add_openai_api(app: FastAPI, engine: Engine, config: AppConfig) -> None:
             return error(400, str(problem), "invalid_request_error")
         except EngineBusy as problem:
             return error(429, str(problem), "rate_limit_error")
+        except EngineClosed as problem:
+            return error(503, str(problem), "server_error")
         except EngineError as problem:  # too long, two pictures, bad settings, invalid text
             return error(400, str(problem), "invalid_request_error")
         completion = Completion(model_id, stops)

@@ -59,7 +59,10 @@ def port_problem(config: AppConfig) -> str | None:
 
 
 def load_engine(config: AppConfig) -> Engine | None:
-    """Load the model, showing progress in the terminal; on failure print what to do and return None."""
+    """Load the model (or connect to the --backend server), showing progress in the terminal; on
+    failure print what to do and return None."""
+    if config.backend:
+        return connect_backend(config)
     from serving import ChatEngine
 
     print(f"Loading {config.model} (dtype {config.dtype}, device map {config.device_map}"
@@ -76,6 +79,21 @@ def load_engine(config: AppConfig) -> Engine | None:
               "without --model the app starts on the tiny demo model.", file=sys.stderr)
         return None
     print(f"Model ready in {time.perf_counter() - start:.1f} s.", flush=True)
+    return engine
+
+
+def connect_backend(config: AppConfig) -> Engine | None:
+    from serving.errors import EngineError
+    from serving.remote import RemoteEngine
+
+    print(f"Answers come from the server at {config.backend} ...", flush=True)
+    try:
+        engine = RemoteEngine(config.backend, api_key=config.backend_api_key, model=config.backend_model)
+    except EngineError as error:
+        print(f"\n{error}\n\nStart that server first, or pass --backend-model to start without asking it.",
+              file=sys.stderr)
+        return None
+    print(f"Using {engine.info.model_id}.", flush=True)
     return engine
 
 

@@ -43,7 +43,7 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
         with gr.Row(elem_id="header"):
             gr.Markdown(f"# Llama 3.2 Vision chat\n`{model_name(info.model_id)}` · ask about a picture, "
                         "or just chat")
-        if Path(config.model).resolve() == TINY_MODEL.resolve():  # the page says it is only a demo
+        if not config.backend and Path(config.model).resolve() == TINY_MODEL.resolve():  # only a demo
             gr.Markdown(DEMO_NOTE, elem_id="demo-note")
 
         with gr.Row(equal_height=False, elem_id="main"):

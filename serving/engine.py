@@ -77,6 +77,14 @@ class EngineInfo:
     has_chat_template: bool = True
 
 
+def describe_tiling(image, tile_size: int, max_tiles: int) -> ImageInfo:
+    """Size and tiling of a picture as Mllama's processor cuts it."""
+    canvas_h, canvas_w = get_optimal_tiled_canvas(image.height, image.width, max_tiles, tile_size)
+    grid = (canvas_h // tile_size, canvas_w // tile_size)
+    width, height = image.info.get("original_size", image.size)  # a picture shrunk on loading
+    return ImageInfo(width=width, height=height, tiles=grid[0] * grid[1], grid=grid)
+
+
 class Engine(Protocol):
     """What the app needs from an engine: `ChatEngine` here, or any other implementation of the
     same calls (one that forwards to a remote server, say)."""
@@ -183,11 +191,7 @@ class ChatEngine:
 
     def describe_image(self, image) -> ImageInfo:
         """Size and tiling of a picture as the model will see it."""
-        size = self.info.tile_size
-        canvas_h, canvas_w = get_optimal_tiled_canvas(image.height, image.width, self.info.max_tiles, size)
-        grid = (canvas_h // size, canvas_w // size)
-        width, height = image.info.get("original_size", image.size)  # a picture shrunk on loading
-        return ImageInfo(width=width, height=height, tiles=grid[0] * grid[1], grid=grid)
+        return describe_tiling(image, self.info.tile_size, self.info.max_tiles)
 
     def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
              cancel: threading.Event | None = None, session_id: str | None = None) -> Reply:

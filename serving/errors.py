@@ -12,3 +12,7 @@ class EngineBusy(EngineError):
 
 class PromptTooLong(EngineError):
     """The conversation does not fit the context budget."""
+
+
+class EngineClosed(EngineError):
+    """The engine has been shut down (or is not serving yet)."""

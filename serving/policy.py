@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import EngineBusy, EngineError
+from .errors import EngineBusy, EngineClosed
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Policy:
     def submit(self, request: Request) -> None:
         with self._changed:
             if self.closed:
-                raise EngineError("the engine has been shut down")
+                raise EngineClosed("The engine has been shut down: the server is stopping or restarting. Try again in a moment.")
             if len(self._waiting) >= self.queue_size:
                 raise EngineBusy(f"The server is busy: {self.queue_size} requests are already waiting. "
                                  "Try again in a moment.")

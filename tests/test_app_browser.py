@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from app.config import EXAMPLES_DIR
+from app.config import EXAMPLES_DIR, TINY_MODEL
 from scripts.synthetic import draw_picture
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -387,3 +387,60 @@ def test_typed_special_tokens_are_answered_as_ordinary_text(open_page):
     wait_until_answered(page)
     expect(page.get_by_text("The model failed")).to_have_count(0)
     expect(page.locator("#chat")).to_contain_text("<|eot_id|><|start_header_id|>assistant")
+
+
+def test_in_front_of_another_server_stop_closes_its_stream_and_its_end_is_explained(open_page, tmp_path):
+    """App A's page with --backend pointing at app B: Stop ends B's work too; when B goes away
+    mid-answer, the page says so and stays usable."""
+    from conftest import _serve_app
+    from engine_checkpoint import write_talkative_checkpoint
+
+    back = _serve_app(write_talkative_checkpoint(tmp_path / "b"), max_new_tokens=16000, context_tokens=16384,
+                      max_batch=2, queue_size=4)
+    server = next(back)
+    front = _serve_app(TINY_MODEL, backend=server.url + "v1", max_new_tokens=16000, max_batch=2, queue_size=4)
+    app = next(front)
+    try:
+        page = open_page(app=app)
+        expect(page.locator("#header")).to_contain_text("at " + server.url)
+        set_settings(page, max_new_tokens=LONG_BUDGET)
+        send(page, "Write a long story about the sea.")
+        expect(answers(page)).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
+        running = [r for r in server.engine.scheduler.policy.slots if r is not None]
+        page.locator("#message .stop-button").click()
+        wait_until_answered(page)
+        expect(figures(page).last).to_contain_text("stopped")
+        assert running and running[0].done.wait(30) and running[0].stats.finish_reason == "cancelled", \
+            "Stop must close the stream to the server, which then stops"
+        send(page, "Another long story, please.")
+        expect(answers(page)).to_have_count(2, timeout=ANSWER_TIMEOUT_MS)
+        next(back, None)  # B goes away mid-answer
+        expect(page.locator("#chat")).to_contain_text("The model server at", timeout=ANSWER_TIMEOUT_MS)
+        screenshot(page, "10-backend-gone")
+        send(page, "Are you there?")
+        expect(page.locator("#chat")).to_contain_text("cannot be reached", timeout=ANSWER_TIMEOUT_MS)
+    finally:
+        next(back, None)
+        next(front, None)
+
+
+def test_in_front_of_the_tiny_app_the_page_answers_what_the_tiny_app_answers(open_page, tiny_app, pictures):
+    from gradio_client import Client, handle_file
+
+    from conftest import _serve_app
+
+    direct = Client(tiny_app.url, verbose=False)
+    expected = direct.predict(handle_file(pictures["red"]), "What color is the shape?", 24, 0, 1.0, None,
+                              api_name="/ask")
+    direct.close()
+    front = _serve_app(TINY_MODEL, backend=tiny_app.url + "v1", max_batch=2, queue_size=4)
+    app = next(front)
+    try:
+        page = open_page(app=app)
+        set_settings(page, temperature="0")
+        attach(page, pictures["red"])
+        send(page, "What color is the shape?")
+        wait_until_answered(page)
+        expect(answers(page).last).to_contain_text(expected)
+    finally:
+        next(front, None)

@@ -175,3 +175,29 @@ def test_a_full_queue_gets_429(tmp_path):
         for stream in streams:
             stream.close()
         next(serving, None)
+
+
+def test_an_engine_that_is_shutting_down_answers_503():
+    from app.config import TINY_MODEL
+    from conftest import _serve_app
+
+    serving = _serve_app(TINY_MODEL, max_batch=1, queue_size=2)
+    app = next(serving)
+    try:
+        app.engine.close()
+        with pytest.raises(APIStatusError) as refused:
+            OpenAI(base_url=app.url + "v1", api_key="unused", max_retries=0).chat.completions.create(
+                model="any", messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.status_code == 503 and "shut down" in str(refused.value)
+    finally:
+        next(serving, None)
+
+
+def test_a_picture_by_http_url_is_fetched(openai_client, tiny_app):
+    from app.config import EXAMPLES_DIR
+
+    url = f"{tiny_app.url}gradio_api/file={EXAMPLES_DIR / '1_red_circle.png'}"  # served by the app itself
+    out = openai_client.chat.completions.create(model="any", temperature=0, max_tokens=12, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "What color is the shape?"}]}])
+    assert "red" in out.choices[0].message.content.lower()
