@@ -442,5 +442,10 @@ def test_in_front_of_the_tiny_app_the_page_answers_what_the_tiny_app_answers(ope
         send(page, "What color is the shape?")
         wait_until_answered(page)
         expect(answers(page).last).to_contain_text(expected)
+        expect(figures(page).last).to_contain_text("tokens")  # the figures come from the streamed usage
+        page.locator("#undo").click()  # Undo and Clear are the page's own: they work the same
+        expect(page.locator("#message textarea")).to_have_value("What color is the shape?")
+        page.locator("#clear").click()
+        expect(answers(page)).to_have_count(0)
     finally:
         next(front, None)
