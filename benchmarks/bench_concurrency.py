@@ -22,7 +22,6 @@ import statistics
 import threading
 import time
 
-import torch
 
 from setups import build_pair, machine, make_inputs, sync, table
 

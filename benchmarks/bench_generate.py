@@ -17,7 +17,7 @@ import time
 import psutil
 import torch
 
-from setups import best_of, build_pair, machine, make_inputs, sync, table
+from setups import best_of, build_pair, machine, make_inputs, table
 
 
 class PeakMemory:

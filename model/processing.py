@@ -7,7 +7,6 @@ cross-attention mask (B, L, N, max_image_tiles) built from the positions of the 
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 from typing import Any, Sequence
 
