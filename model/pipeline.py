@@ -1,9 +1,11 @@
 """`pipeline("image-text-to-text", model=...)`: processor + model + generate in one call."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .mllama import MllamaForConditionalGeneration
 from .processing import MllamaProcessor
@@ -25,13 +27,24 @@ class ImageTextToTextPipeline:
         self.processor = processor
 
     def __call__(self, images: Any = None, text: Any = None, *, max_new_tokens: int = 256,
-                 return_full_text: bool = True, **generate_kwargs: Any) -> list[dict]:
+                 return_full_text: bool = True, generate_kwargs: dict | None = None,
+                 **more_generate_kwargs: Any) -> list[dict] | list[list[dict]]:
+        """One result per prompt; a list of conversations gives one list per conversation, as
+        transformers does. `pipe("What does this image show?", "cat.png")` (text first, as the
+        model card writes it) works too: the argument that is a picture is taken as the picture."""
+        kwargs = {**(generate_kwargs or {}), **more_generate_kwargs}
+        if _is_picture(text) and not _is_picture(images):
+            images, text = text, images
+        if text is None and _is_chat(images):
+            images, text = None, images  # pipe(messages)
         if text is None:
             raise ValueError('pass text=... (a prompt string or a list of chat messages), e.g. pipe(images="cat.png", text="What is this?")')
-        if isinstance(text, list) and text and isinstance(text[0], dict):
-            return [self._chat(text, max_new_tokens, return_full_text, generate_kwargs)]
+        if _is_chat(text):
+            return [self._chat(text, max_new_tokens, return_full_text, kwargs)]
+        if isinstance(text, (list, tuple)) and text and all(_is_chat(t) for t in text):
+            return [[self._chat(conversation, max_new_tokens, return_full_text, kwargs)] for conversation in text]
         images = [images] if images is not None and not isinstance(images, (list, tuple)) else images
-        return [self._prompt(images, text, max_new_tokens, return_full_text, generate_kwargs)]
+        return [self._prompt(images, text, max_new_tokens, return_full_text, kwargs)]
 
     def _chat(self, messages: list[dict], max_new_tokens: int, full: bool, kwargs: dict) -> dict:
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -56,6 +69,19 @@ class ImageTextToTextPipeline:
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
         new_tokens = output[0, inputs["input_ids"].shape[1]:]
         return self.processor.decode(new_tokens, skip_special_tokens=True)
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _is_picture(value: Any) -> bool:
+    """A PIL image, an existing file, or an http(s)/data URL of an image."""
+    if isinstance(value, Image.Image):
+        return True
+    if isinstance(value, str):
+        return value.startswith(("http://", "https://", "data:image/")) or os.path.isfile(value)
+    return False
 
 
 def pipeline(task: str, model: Any, processor: MllamaProcessor | None = None, *, dtype: Any = "auto",
