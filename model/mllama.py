@@ -161,8 +161,7 @@ def _forward_multimodal(
     elif cross_attention_mask is None:
         if cache is None or cross_attention_states is not None:
             raise ValueError("images need a cross_attention_mask (B, seq_len, num_images, num_tiles)")
-        # New tokens see what the last prompt token saw; derived once, not rebuilt.
-        cross_attention_mask, row_mask = cache.cross_masks(batch)
+        # New tokens see what the last prompt token saw: the text model takes those masks from the cache.
     else:
         if cross_attention_mask.shape[1] != q_len:
             # A mask over the whole sequence so far (transformers' calling convention).

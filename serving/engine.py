@@ -138,9 +138,6 @@ class Reply:
         """The reply's tokens so far (the stop token included, once sampled)."""
         return list(self._request.tokens)
 
-    @property
-    def tokens_so_far(self) -> int:
-        return len(self._request.tokens)
 
 
 class ChatEngine:

@@ -33,7 +33,6 @@ PREFILL_TOKENS = {"cpu": 768, "cuda": 16384}
 class _Admission:
     request: Request
     kind: str
-    image_key: str | None
     stored: StoredPrefix | None
     reused: int  # prompt tokens whose self-attention K/V come from `stored`
 
@@ -54,7 +53,6 @@ class ModelRunner:
         self.prefixes = PrefixStore(sessions, max_tokens=sessions * capacity // 4)
         self.vision_runs = 0
         self._history: list[torch.Tensor | None] = [None] * slots  # ids per slot, for the repetition penalty
-        self._image_keys: list[str | None] = [None] * slots
 
     # --- decode ------------------------------------------------------------------------------
 
@@ -89,7 +87,7 @@ class ModelRunner:
 
     def _run_step(self, lengths: list[int], tokens: list[int]) -> torch.Tensor:
         self.cache.set_lengths(lengths)
-        positions = torch.tensor(lengths, device=self.device)
+        positions = self.cache.lengths[: len(lengths)].clone()  # the step advances the lengths in place
         return self.step(self.model, self.cache, torch.tensor(tokens, device=self.device), positions)
 
     # --- prefill -----------------------------------------------------------------------------
@@ -124,7 +122,7 @@ class ModelRunner:
             yield batch
 
     def _admission(self, request: Request) -> _Admission:
-        key = request.image_key or image_key(request.inputs)
+        key = request.image_key = request.image_key or image_key(request.inputs)
         stored = self.prefixes.take(request.session_id)
         if key is not None and stored is not None and stored.image_key == key:
             kind = CACHED_PICTURE
@@ -135,7 +133,7 @@ class ModelRunner:
             kind = TEXT
         reused = stored.reusable_prefix(request.prompt_ids, key) if stored is not None else 0
         request.cached_tokens = reused
-        return _Admission(request, kind, key, stored, reused)
+        return _Admission(request, kind, stored, reused)
 
     def _prefill_group(self, group: list[_Admission]) -> torch.Tensor:
         """Left-padded batch of the new part of each prompt; returns last-token logits (k, V)."""
@@ -173,7 +171,7 @@ class ModelRunner:
             self.cache.copy_row(slot, cache, row)
             history = torch.zeros(1, self.capacity, dtype=torch.long, device=self.device)
             history[0, : a.request.prompt_len] = torch.tensor(a.request.prompt_ids, device=self.device)
-            self._history[slot], self._image_keys[slot] = history, a.image_key
+            self._history[slot] = history
         return out.logits[:, -1]
 
     # --- sampling and leaving ---------------------------------------------------------------
@@ -199,11 +197,11 @@ class ModelRunner:
             cache = self.cache
             picture = cache.image_rows[slot]
             self.prefixes.put(request.session_id, StoredPrefix(
-                image_key=self._image_keys[slot],
+                image_key=request.image_key,
                 cross_keys={i: k[slot : slot + 1].clone() for i, k in cache.cross_keys.items()} if picture else {},
                 cross_values={i: v[slot : slot + 1].clone() for i, v in cache.cross_values.items()} if picture else {},
                 token_ids=history[0, :read].tolist(),
                 self_kv=cache.export_row(slot, read),
             ))
         self.cache.image_rows[slot] = False  # eager steps skip the cross layers when no row has a picture
-        self._history[slot], self._image_keys[slot] = None, None
+        self._history[slot] = None

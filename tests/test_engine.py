@@ -239,7 +239,7 @@ def test_a_new_picture_in_the_same_session_drops_the_old_one(engine, oracle):
 def test_closing_a_running_reply_stops_it_within_one_step(engine):
     reply = engine.chat([user("describe", picture(20))], GenerationSettings(max_new_tokens=200, temperature=0))
     next(reply)
-    before = reply.tokens_so_far
+    before = len(reply.token_ids)
     reply.close()  # what Gradio does when the user presses Stop or leaves
     stats = reply.wait(timeout=30)
     assert stats is not None and stats.finish_reason == "cancelled"
