@@ -139,67 +139,20 @@ class Reply:
         return list(self._request.tokens)
 
 
+class RequestReader:
+    """A conversation and its settings checked and encoded, on the caller's thread: what a local
+    engine refuses (with the message that says what to do) and the Request it serves otherwise."""
 
-class ChatEngine:
-    def __init__(self, model, processor, model_id: str, *, max_batch: int, queue_size: int, context_tokens: int,
-                 generation_config: dict | None = None, compile: bool = False) -> None:
-        """`compile`: decode with fixed shapes through torch.compile (and CUDA graphs on one GPU).
-        Every batch bucket (1, 2, 4, ..., max_batch) is compiled here, before serving: loading
-        then takes longer (minutes for the 11B)."""
-        self.model = model
+    def __init__(self, processor: MllamaProcessor, eos: frozenset[int], context_tokens: int) -> None:
         self.processor = processor
-        generation_config = generation_config or {}
-        self.eos = frozenset(_as_list(generation_config.get("eos_token_id", model.config.text_config.eos_token_id)))
-        limit = model.config.text_config.max_position_embeddings
-        self.context_tokens = min(context_tokens, limit)
+        self.eos = eos
+        self.context_tokens = context_tokens
         self.prompts = PromptEncoder(processor)
-        self.runner = ModelRunner(model, max_batch, self.context_tokens, compile=compile)
-        if self.runner.static:
-            started = time.perf_counter()
-            self.runner.warm_up()
-            log.info("decode steps for %s request(s) at once compiled in %.1f s", self.runner.buckets(),
-                     time.perf_counter() - started)
-        self.scheduler = Scheduler(self.runner, max_batch, queue_size)
-        image = processor.image_processor
-        self.info = EngineInfo(
-            model_id=model_id,
-            tile_size=image.settings.tile_size,
-            max_tiles=image.max_image_tiles,
-            context_tokens=self.context_tokens,
-            defaults=_defaults(generation_config),
-            has_chat_template=bool(getattr(processor, "chat_template", None)),
-        )
 
-    @classmethod
-    def load(cls, model: str, *, dtype: str | torch.dtype = "auto", device_map: Any = None,
-             max_batch: int = 8, queue_size: int = 32, context_tokens: int = 4096,
-             compile: bool = False) -> "ChatEngine":
-        """Load a checkpoint folder or hub id (blocking; progress goes to the log)."""
-        start = time.perf_counter()
-        folder = resolve_checkpoint(model, allow_patterns=CHECKPOINT_FILES)
-        log.info("loading %s", model)
-        processor = MllamaProcessor.from_pretrained(folder)
-        network = MllamaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device_map)
-        generation_config = _read_json(os.path.join(folder, "generation_config.json"))
-        engine = cls(network, processor, model, max_batch=max_batch, queue_size=queue_size,
-                     context_tokens=context_tokens, generation_config=generation_config, compile=compile)
-        log.info("loaded %s in %.1f s", model, time.perf_counter() - start)
-        return engine
-
-    def describe_image(self, image) -> ImageInfo:
-        """Size and tiling of a picture as the model will see it."""
-        return describe_tiling(image, self.info.tile_size, self.info.max_tiles)
-
-    def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
-             cancel: threading.Event | None = None, session_id: str | None = None) -> Reply:
-        """Stream one reply. Closing it or setting `cancel` stops the computation within one
-        decode step. `session_id` lets the next turn of the same conversation reuse this one's
-        K/V (the picture's and the unchanged start of the conversation)."""
-        request = self._request(messages, settings or self.info.defaults, cancel or threading.Event(), session_id)
-        self.scheduler.submit(request)
-        return Reply(request)
-
-    def _request(self, messages, settings: GenerationSettings, cancel: threading.Event, session_id) -> Request:
+    def read(self, messages: list[dict], settings: GenerationSettings, cancel: threading.Event,
+             session_id: str | None, device: torch.device | None) -> Request:
+        """The request for `messages`, or an EngineError that says what to change. `device`: where
+        a seeded request's random generator lives (None: the caller seeds where it samples)."""
         images = sum(
             1 for m in messages if isinstance(m.get("content"), list)
             for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"
@@ -225,8 +178,8 @@ class ChatEngine:
                 f"{self.context_tokens}. Undo a few turns or clear the chat."
             )
         generator = None
-        if settings.seed is not None:
-            generator = torch.Generator(device=self.runner.device).manual_seed(int(settings.seed))
+        if settings.seed is not None and device is not None:
+            generator = torch.Generator(device=device).manual_seed(int(settings.seed))
         return Request(
             prompt_ids=prompt_ids,
             max_new_tokens=min(settings.max_new_tokens, room),
@@ -257,8 +210,86 @@ class ChatEngine:
             raise PromptTooLong(f"The conversation is {length:,} characters long and this server takes at most "
                                 f"{limit:,} ({self.context_tokens:,} tokens). Shorten the message or clear the chat.")
 
+
+class ChatEngine:
+    def __init__(self, model, processor, model_id: str, *, max_batch: int, queue_size: int, context_tokens: int,
+                 generation_config: dict | None = None, compile: bool = False) -> None:
+        """`compile`: decode with fixed shapes through torch.compile (and CUDA graphs on one GPU).
+        Every batch bucket (1, 2, 4, ..., max_batch) is compiled here, before serving: loading
+        then takes longer (minutes for the 11B)."""
+        self.model = model
+        self.processor = processor
+        generation_config = generation_config or {}
+        self.eos = stop_tokens(model, generation_config)
+        self.context_tokens = min(context_tokens, model.config.text_config.max_position_embeddings)
+        self.requests = RequestReader(processor, self.eos, self.context_tokens)
+        self.prompts = self.requests.prompts
+        self.runner = ModelRunner(model, max_batch, self.context_tokens, compile=compile)
+        if self.runner.static:
+            started = time.perf_counter()
+            self.runner.warm_up()
+            log.info("decode steps for %s request(s) at once compiled in %.1f s", self.runner.buckets(),
+                     time.perf_counter() - started)
+        self.scheduler = Scheduler(self.runner, max_batch, queue_size)
+        self.info = local_engine_info(processor, model_id, self.context_tokens, generation_config)
+
+    @classmethod
+    def load(cls, model: str, *, dtype: str | torch.dtype = "auto", device_map: Any = None,
+             max_batch: int = 8, queue_size: int = 32, context_tokens: int = 4096,
+             compile: bool = False) -> "ChatEngine":
+        """Load a checkpoint folder or hub id (blocking; progress goes to the log)."""
+        start = time.perf_counter()
+        network, processor, generation_config = load_checkpoint(model, dtype=dtype, device_map=device_map)
+        engine = cls(network, processor, model, max_batch=max_batch, queue_size=queue_size,
+                     context_tokens=context_tokens, generation_config=generation_config, compile=compile)
+        log.info("loaded %s in %.1f s", model, time.perf_counter() - start)
+        return engine
+
+    def describe_image(self, image) -> ImageInfo:
+        """Size and tiling of a picture as the model will see it."""
+        return describe_tiling(image, self.info.tile_size, self.info.max_tiles)
+
+    def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
+             cancel: threading.Event | None = None, session_id: str | None = None) -> Reply:
+        """Stream one reply. Closing it or setting `cancel` stops the computation within one
+        decode step. `session_id` lets the next turn of the same conversation reuse this one's
+        K/V (the picture's and the unchanged start of the conversation)."""
+        request = self.requests.read(messages, settings or self.info.defaults, cancel or threading.Event(),
+                                     session_id, device=self.runner.device)
+        self.scheduler.submit(request)
+        return Reply(request)
+
     def close(self) -> None:
         self.scheduler.close()
+
+
+def load_checkpoint(model: str, *, dtype: str | torch.dtype = "auto",
+                    device_map: Any = None) -> tuple[MllamaForConditionalGeneration, MllamaProcessor, dict]:
+    """The network, the processor and the generation_config.json of a checkpoint folder or hub id."""
+    folder = resolve_checkpoint(model, allow_patterns=CHECKPOINT_FILES)
+    log.info("loading %s", model)
+    processor = MllamaProcessor.from_pretrained(folder)
+    network = MllamaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device_map)
+    return network, processor, _read_json(os.path.join(folder, "generation_config.json"))
+
+
+def stop_tokens(model, generation_config: dict) -> frozenset[int]:
+    """The tokens that end an answer: the checkpoint's generation config's, else the model config's."""
+    return frozenset(_as_list(generation_config.get("eos_token_id", model.config.text_config.eos_token_id)))
+
+
+def local_engine_info(processor: MllamaProcessor, model_id: str, context_tokens: int,
+                      generation_config: dict) -> EngineInfo:
+    """What the app shows and defaults to for a model served here."""
+    image = processor.image_processor
+    return EngineInfo(
+        model_id=model_id,
+        tile_size=image.settings.tile_size,
+        max_tiles=image.max_image_tiles,
+        context_tokens=context_tokens,
+        defaults=_defaults(generation_config),
+        has_chat_template=bool(getattr(processor, "chat_template", None)),
+    )
 
 
 def _as_list(value) -> list[int]:

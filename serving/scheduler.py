@@ -102,8 +102,8 @@ class Scheduler:
         request.done.set()
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
-        _recover_memory(error)
-        message = _explain(error)
+        recover_memory(error)
+        message = explain_failure(error)
         for request in requests:
             self.policy.end(request, "error")
             self.runner.release(request, keep=False)
@@ -115,12 +115,12 @@ def _is_oom(error: Exception) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def _recover_memory(error: Exception) -> None:
+def recover_memory(error: Exception) -> None:
     if _is_oom(error) and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _explain(error: Exception) -> Exception:
+def explain_failure(error: Exception) -> Exception:
     if _is_oom(error):
         return EngineError(
             "The device ran out of memory for this request. The server recovered; try a shorter "
