@@ -20,6 +20,7 @@ TINY_MODEL = REPO_ROOT / "assets" / "tiny-mllama"
 EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
 LLAMA_VISION = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ZERO_GPU_VARIABLE = "SPACES_ZERO_GPU"  # set by Hugging Face on Spaces whose hardware is ZeroGPU
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class AppConfig:
     backend_model: str | None = None
     compile: bool = False        # fixed-shape decoding through torch.compile (+ CUDA graphs on a GPU)
     upload_max_age_s: int = 3600  # uploaded files older than this are deleted (checked as often)
+    zero_gpu: bool = False       # a Hugging Face ZeroGPU Space: a GPU is attached per answer
 
 
 # flag -> (environment variable, help)
@@ -68,6 +70,13 @@ _FLAGS = {
                                   "answers; each batch size compiles once, on first use, for up to minutes)"),
 }
 SWITCHES = ("share", "compile")  # flags without a value
+
+
+def on_zero_gpu(environ: Mapping[str, str]) -> bool:
+    """Whether this is a Hugging Face ZeroGPU Space, tested as `spaces.config.Config.zero_gpu`
+    tests it: the variable is 1, t or true, in any case."""
+    value = environ.get(ZERO_GPU_VARIABLE)
+    return value is not None and value.lower() in ("1", "t", "true")
 
 
 class FlagError(ValueError):
@@ -104,6 +113,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         backend_api_key=raw["backend_api_key"] or None,
         backend_model=raw["backend_model"] or None,
         compile=_boolean("compile", raw["compile"]),
+        zero_gpu=on_zero_gpu(environ),
     )
 
 

@@ -63,6 +63,10 @@ def load_engine(config: AppConfig) -> Engine | None:
     failure print what to do and return None."""
     if config.backend:
         return connect_backend(config)
+    if config.zero_gpu:
+        from .zerogpu import load_zerogpu_engine
+
+        return load_zerogpu_engine(config)
     from serving import ChatEngine
 
     print(f"Loading {config.model} (dtype {config.dtype}, device map {config.device_map}"
