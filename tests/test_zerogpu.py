@@ -2,11 +2,17 @@
 forward runs inside a GPU call (a guard on the model fails loudly otherwise), one call per
 request, sized from the request, and the answers are those of generate() alone for the
 conversation (tests/serving_oracle.py), for a request, a follow-up, a stopped answer and after
-errors. The last tests run the page's `/ask` on this engine through gradio_client."""
+errors. Then the same under the `spaces` package's own ZeroGPU machinery
+(tests/zerogpu_spaces_run.py, in a process of its own), and the page's `/ask` on this engine
+through gradio_client."""
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +25,7 @@ from engine_checkpoint import write_engine_checkpoint, write_talkative_checkpoin
 from serving import EngineError, GenerationSettings, PromptTooLong, ReplyStats
 from serving.engine import load_checkpoint
 from serving.zerogpu import GpuTime, ZeroGPUEngine
-from serving_oracle import Oracle, assert_same_answer, assistant, picture, user, words
+from serving_oracle import Answer, Oracle, assert_same_answer, assistant, picture, user, words
 from zerogpu_standin import NoGpu, StandInZeroGPU, text_model
 
 NEW = 12
@@ -248,6 +254,44 @@ def test_a_user_out_of_quota_gets_zerogpus_message_and_no_forward_runs(folder):
     with pytest.raises(EngineError, match=r"exceeded your free ZeroGPU quota \(\d+s requested vs. 3s left\)"):
         ask(engine, [user("hello")])
     assert zerogpu.calls == [] and not zerogpu.offences
+
+
+# --- under the spaces package's own ZeroGPU machinery --------------------------------------------
+
+def test_under_the_spaces_packages_own_zerogpu_machinery_answers_stop_and_failures_hold(folder, tmp_path):
+    """tests/zerogpu_spaces_run.py, in its own process (importing `spaces` in ZeroGPU mode changes
+    that process for good): the real `spaces.GPU` forks its worker, pickles across, stops and
+    releases, against a fake device API; only the moving of tensors onto a real GPU is left out."""
+    talkative = write_talkative_checkpoint(tmp_path / "talkative")
+    script = Path(__file__).parent / "zerogpu_spaces_run.py"
+    done = subprocess.run([sys.executable, str(script), str(folder), str(talkative)], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, f"the run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    run = json.loads(lines[-1][len("RESULT "):])
+
+    assert run["outside"] == [], "model forwards ran outside a ZeroGPU worker's call"
+    assert run["worker_pids"] and run["main_pid"] not in run["worker_pids"]
+    for name, result in run["results"].items():
+        assert_same_answer(result["got"], Answer(result["expected"], result["margins"]), name)
+    assert len(run["results"]["stop"]["got"]) == 4
+
+    failures = run["failures"]
+    assert failures["inside the call"] == "RuntimeError: the vision tower broke on a white picture"
+    assert failures["quota"].startswith("EngineError: Space app has reached its GPU limit")
+    assert failures["too long"].startswith("PromptTooLong:")
+
+    calls = run["calls"]  # question, follow-up, stop, failure inside, quota (refused), after the failures
+    assert [c["granted"] for c in calls] == [True, True, True, True, False, True], "one call per answer"
+    assert all(c["released"] and not c["failed"] for c in calls if c["granted"])
+    assert calls[4]["forwards"] == 0
+    question, follow_up, stop = calls[:3]
+    assert question["forwards"] == len(run["results"]["question"]["got"])
+    assert follow_up["forwards"] == len(run["results"]["follow-up"]["got"])
+    # The worker notices Stop when its next token is out; each of its steps is slowed down, so an
+    # answer that ignored Stop would still be running its 60 tokens.
+    assert stop["forwards"] < 60
+    assert stop["duration"] > question["duration"], "60 new tokens ask for more time than 12"
 
 
 # --- the page's /ask on this engine ---------------------------------------------------------------
