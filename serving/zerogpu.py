@@ -30,8 +30,15 @@ import torch
 
 from model.sampling import SamplingConfig
 
-from .engine import (EngineInfo, GenerationSettings, ImageInfo, RequestReader, describe_tiling,
-                     load_checkpoint, local_engine_info, stop_tokens)
+from .engine import (
+    GenerationSettings,
+    ImageInfo,
+    RequestReader,
+    describe_tiling,
+    load_checkpoint,
+    local_engine_info,
+    stop_tokens,
+)
 from .errors import EngineClosed, EngineError
 from .policy import ReplyStats, Request
 from .scheduler import explain_failure, recover_memory
@@ -49,8 +56,10 @@ class GpuTime:
     exceeds the user's quota left (the user sees why) and aborts one that runs past it, so the
     estimate errs long; an answer that could not finish within `most_s` gets fewer new tokens.
 
-    The figures are for Llama 3.2 11B Vision in bfloat16 on ZeroGPU's half H200, decoding
-    eagerly one request at a time (~20 ms a token when memory-bound), with room to spare."""
+    The figures are for Llama 3.2 11B Vision in bfloat16 on ZeroGPU's slice of an H200, decoding
+    eagerly one request at a time: a decode step reads the ~21 GB of weights (about 10 ms at the
+    slice's memory bandwidth) and eager PyTorch adds its overhead; 50 ms leaves room. They are
+    estimates, not measurements on ZeroGPU."""
 
     start_s: float = 5.0                 # attaching the GPU; a fresh worker also moves the weights onto it
     per_prompt_token_s: float = 0.0005   # prefill
@@ -267,7 +276,8 @@ class GpuReply:
         try:
             self._items.close()
         except ValueError:  # being read in another thread right now: the cancel flag ends it
-            pass
+            return
+        self._request.done.set()  # also when it was closed before its first read
 
     def _stream(self) -> Iterator[str | ReplyStats]:
         request = self._request

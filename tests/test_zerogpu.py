@@ -16,17 +16,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_checkpoint import write_engine_checkpoint, write_talkative_checkpoint
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from serving_oracle import (
+    Answer,
+    Oracle,
+    assert_same_answer,
+    assistant,
+    picture,
+    user,
+    words,
+)
+from zerogpu_standin import NoGpu, StandInZeroGPU, text_model
 
 from app.answering import read_picture
 from app.config import AppConfig, on_zero_gpu, parse_config
-from engine_checkpoint import write_engine_checkpoint, write_talkative_checkpoint
 from serving import EngineError, GenerationSettings, PromptTooLong, ReplyStats
 from serving.engine import load_checkpoint
 from serving.zerogpu import GpuTime, ZeroGPUEngine
-from serving_oracle import Answer, Oracle, assert_same_answer, assistant, picture, user, words
-from zerogpu_standin import NoGpu, StandInZeroGPU, text_model
 
 NEW = 12
 GREEDY = GenerationSettings(max_new_tokens=NEW, temperature=0)
@@ -256,6 +264,19 @@ def test_a_user_out_of_quota_gets_zerogpus_message_and_no_forward_runs(folder):
     assert zerogpu.calls == [] and not zerogpu.offences
 
 
+def test_a_call_zerogpu_takes_back_keeps_what_was_said_and_says_what_happened(tmp_path):
+    zerogpu = StandInZeroGPU(abort_after=3)
+    folder = write_talkative_checkpoint(tmp_path / "talkative")
+    engine = guarded_engine(folder, zerogpu)
+    messages = [user("describe the picture", picture(12))]
+    reply = engine.chat(messages, GenerationSettings(max_new_tokens=50, temperature=0))
+    with pytest.raises(EngineError, match=r"taken back before the answer finished \(GPU task aborted\)"):
+        list(reply)
+    assert len(reply.token_ids) == 3 and zerogpu.calls[-1].ended and not zerogpu.offences
+    expected = Oracle(*load_checkpoint(str(folder))[:2]).answer(messages, 3)
+    assert_same_answer(reply.token_ids, expected, "the answer until the GPU was taken back")
+
+
 # --- under the spaces package's own ZeroGPU machinery --------------------------------------------
 
 def test_under_the_spaces_packages_own_zerogpu_machinery_answers_stop_and_failures_hold(folder, tmp_path):
@@ -265,7 +286,7 @@ def test_under_the_spaces_packages_own_zerogpu_machinery_answers_stop_and_failur
     talkative = write_talkative_checkpoint(tmp_path / "talkative")
     script = Path(__file__).parent / "zerogpu_spaces_run.py"
     done = subprocess.run([sys.executable, str(script), str(folder), str(talkative)], capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).parent.parent)
+                          text=True, timeout=600, cwd=Path(__file__).parent.parent, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"the run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     run = json.loads(lines[-1][len("RESULT "):])

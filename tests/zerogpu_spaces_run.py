@@ -24,6 +24,7 @@ import types
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import parse_qs, urlparse
 
 QUOTA_S = 10  # calls asking for more are refused, as for a user whose quota is spent
@@ -33,11 +34,11 @@ class FakeDeviceApi(BaseHTTPRequestHandler):
     """ZeroGPU's device API as `spaces.zero.api.APIClient` calls it, keeping a record of each call:
     the duration asked for, whether it was granted and released, the model forwards it ran."""
 
-    calls: list[dict] = []
-    allowed: set[int] = set()  # worker processes given the GPU (a reused worker stays allowed)
+    calls: ClassVar[list[dict]] = []
+    allowed: ClassVar[set[int]] = set()  # worker processes given the GPU (a reused worker stays allowed)
     lock = threading.Lock()
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server's name
+    def do_POST(self) -> None:
         url = urlparse(self.path)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
         with self.lock:
@@ -57,7 +58,7 @@ class FakeDeviceApi(BaseHTTPRequestHandler):
                 call["released"], call["failed"] = True, query["fail"] == "true"
         self._json(200, {})
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         """`/forward?pid=`: a model forward is about to run in `pid`; answers whether that pid is an
         allowed worker while a call holds the GPU, and counts the forward to that call."""
         pid = int(parse_qs(urlparse(self.path).query)["pid"][0])
@@ -97,14 +98,14 @@ def main(checkpoint: str, talkative: str) -> dict:
     sys.modules["spaces.zero.torch"] = no_gpu_tensor_moves()
 
     import httpx
-    import torch
     import spaces
     import spaces.zero.wrappers
+    import torch
+    from serving_oracle import Oracle, assistant, picture, user
 
     from serving import EngineError, GenerationSettings, PromptTooLong, ReplyStats
     from serving.engine import load_checkpoint
     from serving.zerogpu import ZeroGPUEngine
-    from serving_oracle import Oracle, assistant, picture, user
 
     torch.set_num_threads(1)  # the worker is forked: keep the parent's thread pools out of it
     outside: list[str] = []

@@ -5,7 +5,8 @@ model forward runs without a GPU.
 generator asks for `duration(*args)` seconds (refused with ZeroGPU's own error when the quota
 left is smaller), then runs the task inside a GPU scope: the scope opens when the call starts and
 closes when it ends, and the task's arguments and what it yields are pickled across, as between
-the Space's process and ZeroGPU's worker. `guard(model)` puts a forward pre-hook on the model
+the Space's process and ZeroGPU's worker. With `abort_after`, a call is aborted after that many
+items, with ZeroGPU's error, as when a call runs past its duration. `guard(model)` puts a forward pre-hook on the model
 that raises (and records the offence) when a forward runs while no scope is open: on ZeroGPU that
 forward would have no GPU.
 """
@@ -31,6 +32,7 @@ class Call:
 @dataclass
 class StandInZeroGPU:
     quota_s: float = float("inf")
+    abort_after: int | None = None  # items a call yields before ZeroGPU takes the GPU back
     calls: list[Call] = field(default_factory=list)
     offences: list[str] = field(default_factory=list)
 
@@ -38,11 +40,12 @@ class StandInZeroGPU:
         self._lock = threading.Lock()
         self._open: list[Call] = []
 
-    def GPU(self, task, *, duration):  # noqa: N802 - spaces.GPU's name
+    def GPU(self, task, *, duration):
         def call(*args, **kwargs):
             seconds = duration(*args, **kwargs)
             if seconds > self.quota_s:
-                from spaces.zero.gradio import error  # the error ZeroGPU raises, with its wording
+                # the error ZeroGPU raises, with its wording
+                from spaces.zero.gradio import error
 
                 raise error("ZeroGPU quota exceeded", f"You have exceeded your free ZeroGPU quota "
                                                       f"({seconds}s requested vs. {self.quota_s:.0f}s left). "
@@ -55,6 +58,10 @@ class StandInZeroGPU:
             running = task(*args, **kwargs)
             try:
                 for item in running:
+                    if record.items == self.abort_after:  # the call ran past its duration
+                        from spaces.zero.gradio import error
+
+                        raise error("ZeroGPU worker error", "GPU task aborted")
                     record.items += 1
                     yield pickle.loads(pickle.dumps(item))  # out of the worker process
             finally:
@@ -78,7 +85,7 @@ class StandInZeroGPU:
                     if module is model:
                         for record in self._open:
                             record.forwards += 1
-                    return None
+                    return
                 self.offences.append(f"{type(module).__name__} forward outside a GPU call")
             raise NoGpu("a model forward ran outside every @spaces.GPU call: on ZeroGPU it has no GPU")
 
