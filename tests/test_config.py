@@ -88,11 +88,6 @@ def test_inconsistent_value_names_the_field(tmp_path):
         MllamaConfig.from_json_file(path)
 
 
-def test_cross_attention_layer_outside_the_model_is_refused():
-    with pytest.raises(ConfigError, match="cross_attention_layers: 40 is not a layer index"):
-        MllamaTextConfig(cross_attention_layers=[40])
-
-
 def test_another_model_type_is_refused(tmp_path):
     path = write(tmp_path, {"model_type": "llava"})
     with pytest.raises(ConfigError, match="model_type is 'llava', not 'mllama'"):
