@@ -102,6 +102,14 @@ class MllamaTokenizer:
     def all_special_ids(self) -> list[int]:
         return sorted(i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special)
 
+    def add_tokens(self, new_tokens: str | Sequence[str], special_tokens: bool = False) -> int:
+        """Add tokens to the vocabulary (after the existing ids); returns how many were new. Resize
+        the model's embeddings to `len(tokenizer)` afterwards."""
+        tokens = [new_tokens] if isinstance(new_tokens, str) else list(new_tokens)
+        if special_tokens:
+            return self._tokenizer.add_special_tokens(tokens)
+        return self._tokenizer.add_tokens(tokens)
+
     # --------------------------------------------------------------- encoding
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
