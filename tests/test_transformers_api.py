@@ -150,3 +150,127 @@ def test_cross_attention_layers_past_the_last_layer_name_no_layer(tiny_hf_checkp
     inputs = make_inputs(hf, [[ImageSpec(1, 2)], [ImageSpec(3, 0)]], length=9)
     with torch.no_grad():
         assert relative_error(ours(**inputs).logits, hf(**inputs).logits) < TOL
+
+
+# ------------------------------------------------------------------------------------- embeddings
+CLASS_PAIRS = [
+    ("MllamaForConditionalGeneration", MllamaForConditionalGeneration),
+    ("MllamaModel", MllamaModel),
+    ("MllamaForCausalLM", MllamaForCausalLM),
+    ("MllamaTextModel", MllamaTextModel),
+    ("MllamaVisionModel", MllamaVisionModel),
+]
+
+
+@pytest.mark.parametrize("name,ours_class", CLASS_PAIRS, ids=[n for n, _ in CLASS_PAIRS])
+def test_get_and_set_embeddings_like_transformers(tiny_hf_checkpoint, name, ours_class):
+    import transformers
+
+    folder = tiny_hf_checkpoint()
+    theirs = getattr(transformers, name).from_pretrained(folder)
+    ours = ours_class.from_pretrained(folder)
+    assert torch.equal(ours.get_input_embeddings().weight, theirs.get_input_embeddings().weight)
+    assert type(ours.get_input_embeddings()) is type(theirs.get_input_embeddings())
+    ref_head, our_head = theirs.get_output_embeddings(), ours.get_output_embeddings()
+    assert (our_head is None) == (ref_head is None)
+    if our_head is not None:
+        assert torch.equal(our_head.weight, ref_head.weight)
+        new_head = torch.nn.Linear(our_head.in_features, our_head.out_features, bias=False)
+        ours.set_output_embeddings(new_head)
+        assert ours.get_output_embeddings() is new_head
+    replacement = torch.nn.Embedding(*ours.get_input_embeddings().weight.shape)
+    if name != "MllamaVisionModel":
+        ours.set_input_embeddings(replacement)
+        theirs.set_input_embeddings(replacement)
+        assert ours.get_input_embeddings() is replacement is theirs.get_input_embeddings()
+
+
+def resized_pair(folder, new_num_tokens, seed=0, ours_class=MllamaForConditionalGeneration, **kwargs):
+    import transformers
+
+    theirs = getattr(transformers, ours_class.__name__).from_pretrained(folder)
+    ours = ours_class.from_pretrained(folder, semantics="transformers")
+    old = {"embed": ours.get_input_embeddings().weight.clone(), "head": ours.get_output_embeddings().weight.clone()}
+    torch.manual_seed(seed)
+    theirs.resize_token_embeddings(new_num_tokens, **kwargs)
+    torch.manual_seed(seed)
+    returned = ours.resize_token_embeddings(new_num_tokens, **kwargs)
+    assert returned is ours.get_input_embeddings()
+    return theirs, ours, old
+
+
+@pytest.mark.parametrize("new_num_tokens", [VOCAB + 3, VOCAB + 20])  # within Meta's 8 image rows, and past them
+def test_resize_grows_like_transformers(tiny_hf_checkpoint, new_num_tokens):
+    theirs, ours, old = resized_pair(tiny_hf_checkpoint(), new_num_tokens)
+    assert ours.config.text_config.vocab_size == theirs.config.text_config.vocab_size == new_num_tokens
+    assert ours.language_model.vocab_size == new_num_tokens
+    our_embed, ref_embed = ours.get_input_embeddings().weight, theirs.get_input_embeddings().weight
+    our_head, ref_head = ours.get_output_embeddings().weight, theirs.get_output_embeddings().weight
+    assert our_head.shape == ref_head.shape == (new_num_tokens, 32)
+    # Our table keeps Meta's 8 image rows after the vocabulary (transformers cuts the table to the vocabulary).
+    assert our_embed.shape == (new_num_tokens + 8, 32) and ref_embed.shape[0] == new_num_tokens
+    # Every row both keep is the old row; every new row is drawn at the old rows' mean (covariance x 1e-9).
+    kept = min(VOCAB + 8, new_num_tokens)
+    assert torch.equal(our_embed[:kept], ref_embed[:kept]) and torch.equal(our_embed[:kept], old["embed"][:kept])
+    assert torch.equal(our_head[:VOCAB], ref_head[:VOCAB]) and torch.equal(our_head[:VOCAB], old["head"])
+    for new_rows, table in ((our_embed[VOCAB + 8:], old["embed"]), (ref_embed[VOCAB + 8:], old["embed"]),
+                            (our_head[VOCAB:], old["head"]), (ref_head[VOCAB:], old["head"])):
+        mean = table.mean(0)
+        torch.testing.assert_close(new_rows, mean.expand_as(new_rows), rtol=0, atol=1e-5)
+    torch.testing.assert_close(our_head[VOCAB:], ref_head[VOCAB:], rtol=0, atol=1e-5)
+
+
+def test_resize_without_mean_resizing_draws_from_the_initializer_range(tiny_hf_checkpoint):
+    theirs, ours, old = resized_pair(tiny_hf_checkpoint(), VOCAB + 200, mean_resizing=False)
+    std = ours.config.text_config.initializer_range
+    for new_rows in (ours.get_output_embeddings().weight[VOCAB:], theirs.get_output_embeddings().weight[VOCAB:],
+                     ours.get_input_embeddings().weight[VOCAB + 8:], theirs.get_input_embeddings().weight[VOCAB + 8:]):
+        # 6400 draws of N(0, std): the sample mean and std are within 5 standard errors (seeded, so fixed).
+        assert abs(new_rows.mean().item()) < 5 * std / 80
+        assert abs(new_rows.std().item() / std - 1) < 5 / 113
+
+
+def test_resize_pads_to_a_multiple_and_shrinks_like_transformers(tiny_hf_checkpoint):
+    theirs, ours, _ = resized_pair(tiny_hf_checkpoint(), VOCAB + 1, pad_to_multiple_of=64)
+    assert ours.config.text_config.vocab_size == theirs.config.text_config.vocab_size == 320
+    assert ours.get_output_embeddings().weight.shape == theirs.get_output_embeddings().weight.shape
+    theirs, ours, old = resized_pair(tiny_hf_checkpoint(), VOCAB - 10, ours_class=MllamaForCausalLM)
+    assert ours.config.vocab_size == theirs.config.vocab_size == VOCAB - 10
+    assert torch.equal(ours.get_output_embeddings().weight, theirs.get_output_embeddings().weight)
+    assert torch.equal(ours.get_input_embeddings().weight, old["embed"][: VOCAB - 2])
+    assert ours.resize_token_embeddings() is ours.get_input_embeddings()  # no size: nothing changes
+
+
+def test_resize_refuses_to_drop_the_image_token(tiny_hf_checkpoint):
+    ours = MllamaForConditionalGeneration.from_pretrained(tiny_hf_checkpoint())
+    with pytest.raises(ValueError, match="would remove the <\\|image\\|> token"):
+        ours.resize_token_embeddings(VOCAB - 100)
+
+
+def test_added_token_works_end_to_end(tmp_path):
+    """Add a token to the tokenizer, resize, run a prompt with it, save and reload: the same logits
+    as transformers doing the same, and our saved checkpoint loads in transformers."""
+    from transformers import AutoTokenizer
+    from transformers import MllamaForConditionalGeneration as HFModel
+
+    ref_tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    tokenizer = MllamaTokenizer.from_pretrained(TINY_MODEL)
+    assert tokenizer.add_tokens(["<|shape_tag|>"]) == ref_tokenizer.add_tokens(["<|shape_tag|>"]) == 1
+    assert len(tokenizer) == len(ref_tokenizer)
+    text = "<|begin_of_text|>A <|shape_tag|> circle"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == ref_tokenizer(text, add_special_tokens=False)["input_ids"] and len(tokenizer) - 1 in ids
+    theirs = HFModel.from_pretrained(TINY_MODEL).eval()
+    ours = MllamaForConditionalGeneration.from_pretrained(TINY_MODEL, semantics="transformers")
+    torch.manual_seed(0)
+    theirs.resize_token_embeddings(len(ref_tokenizer))
+    ours.resize_token_embeddings(len(tokenizer))
+    inputs = {"input_ids": torch.tensor([ids])}
+    with torch.no_grad():
+        want, got = theirs(**inputs).logits, ours(**inputs).logits
+    assert got.shape == want.shape == (1, len(ids), len(tokenizer))
+    assert relative_error(got, want) < TOL
+    ours.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(MllamaForConditionalGeneration.from_pretrained(tmp_path, semantics="transformers")(**inputs).logits, got)
+        assert relative_error(HFModel.from_pretrained(tmp_path).eval()(**inputs).logits, want) < TOL
