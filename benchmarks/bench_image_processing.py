@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.image_processing import MllamaImageProcessor  # noqa: E402
+from model.image_processing import HUB_SETTINGS, MllamaImageProcessor  # noqa: E402
 from model.image_processing_fast import MllamaImageProcessorFast  # noqa: E402
 
 HUB_SETTINGS = dict(do_convert_rgb=True, do_normalize=True, do_pad=True, do_rescale=True, do_resize=True,
@@ -64,8 +64,8 @@ def main() -> None:
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
     reference = MllamaImageProcessorPil(**HUB_SETTINGS)
-    ours = MllamaImageProcessor()
-    fast = MllamaImageProcessorFast(device=args.device)
+    ours = MllamaImageProcessor(HUB_SETTINGS)
+    fast = MllamaImageProcessorFast(HUB_SETTINGS, device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     no_sync = lambda: None  # noqa: E731
 
