@@ -19,6 +19,8 @@ from model import (
     MllamaVisionModel,
 )
 from model.activations import ACTIVATIONS
+from model.image_processing import MllamaImageProcessor
+from model.image_processing_fast import MllamaImageProcessorFast
 from model.tokenizer import MllamaTokenizer
 from reference import VOCAB, ImageSpec, Variant, build_hf_model, make_inputs, relative_error, save_hf
 
@@ -274,3 +276,138 @@ def test_added_token_works_end_to_end(tmp_path):
     with torch.no_grad():
         assert torch.equal(MllamaForConditionalGeneration.from_pretrained(tmp_path, semantics="transformers")(**inputs).logits, got)
         assert relative_error(HFModel.from_pretrained(tmp_path).eval()(**inputs).logits, want) < TOL
+
+
+# -------------------------------------------------------------------------------- image processors
+def _noise_images(seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 80), (300, 900))]
+
+
+def _reference_image_processor(**kwargs):
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    return MllamaImageProcessorPil(**kwargs)
+
+
+def _json(processor) -> dict:
+    data = json.loads(processor.to_json_string())
+    data.pop("image_processor_type", None)
+    return data
+
+
+def _assert_same_images(ours, ref, atol: float) -> None:
+    import numpy as np
+
+    assert ours["num_tiles"] == [list(n) for n in ref["num_tiles"]]
+    for key in ("aspect_ratio_ids", "aspect_ratio_mask"):
+        assert np.array_equal(np.asarray(ours[key]), np.asarray(ref[key])), key
+    got, want = np.asarray(ours["pixel_values"]), np.asarray(ref["pixel_values"])
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert np.abs(got - want).max() <= atol
+
+
+def _fast_atol(processor) -> float:
+    """The fast processor's documented bound: its resize may land 2 levels away from PIL's."""
+    table = processor.settings.table()
+    return 2 * float((table[:, 1] - table[:, 0]).max()) + 1e-5
+
+
+IMAGE_PROCESSORS = [("pil", MllamaImageProcessor), ("fast", MllamaImageProcessorFast)]
+
+
+@pytest.mark.parametrize("kind,ours_class", IMAGE_PROCESSORS, ids=[k for k, _ in IMAGE_PROCESSORS])
+def test_image_processor_defaults_and_attributes_match_transformers(kind, ours_class):
+    ours, ref = ours_class(), _reference_image_processor()
+    assert _json(ours) == _json(ref)
+    for name in ("size", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_pad", "max_image_tiles",
+                 "do_convert_rgb"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert list(ours.image_mean) == list(ref.image_mean) and list(ours.image_std) == list(ref.image_std)
+    assert ours.resample == ref.resample
+    ours.max_image_tiles = 2
+    ours.size = {"height": 28, "width": 28}
+    ref = _reference_image_processor(max_image_tiles=2, size={"height": 28, "width": 28})
+    assert _json(ours) == _json(ref)
+    _assert_same_images(ours(_noise_images(), return_tensors="np"), ref(_noise_images(), return_tensors="np"),
+                        1e-5 if kind == "pil" else _fast_atol(ours))
+
+
+@pytest.mark.parametrize("kind,ours_class", IMAGE_PROCESSORS, ids=[k for k, _ in IMAGE_PROCESSORS])
+def test_image_processor_round_trips_through_transformers_files(kind, ours_class, tmp_path):
+    from conftest import HUB_PREPROCESSOR_CONFIG
+
+    settings = {k: v for k, v in HUB_PREPROCESSOR_CONFIG.items() if k not in ("image_processor_type", "processor_class")}
+    ref = _reference_image_processor(**{**settings, "max_image_tiles": 2})
+    ref.save_pretrained(tmp_path / "ref")
+    ours = ours_class.from_pretrained(tmp_path / "ref")
+    assert _json(ours) == _json(ref)
+    assert _json(ours_class.from_dict(ref.to_dict())) == _json(ref)
+    ours.save_pretrained(tmp_path / "ours")
+    assert _json(type(ref).from_pretrained(tmp_path / "ours")) == _json(ref)
+    assert _json(ours_class.from_pretrained(tmp_path / "ours")) == _json(ours)
+
+
+CALL_OVERRIDES = [
+    {},
+    {"size": {"height": 42, "width": 42}},
+    {"do_rescale": False},
+    {"rescale_factor": 1 / 127.5},
+    {"do_normalize": False},
+    {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]},
+    {"max_image_tiles": 2},
+    {"do_resize": True, "do_pad": True, "do_convert_rgb": True},
+]
+
+
+@pytest.mark.parametrize("kind,ours_class", IMAGE_PROCESSORS, ids=[k for k, _ in IMAGE_PROCESSORS])
+@pytest.mark.parametrize("overrides", CALL_OVERRIDES, ids=lambda o: ",".join(o) or "defaults")
+def test_image_processor_call_overrides_match_transformers(kind, ours_class, overrides):
+    ours, ref = ours_class(), _reference_image_processor()
+    got = ours(_noise_images(), return_tensors="np", **overrides)
+    want = ref(_noise_images(), return_tensors="np", **overrides)
+    _assert_same_images(got, want, 1e-5 if kind == "pil" else _fast_atol(ours_class(**overrides)))
+    assert _json(ours) == _json(ref)  # a call's settings are for that call only
+
+
+@pytest.mark.parametrize("kind,ours_class", IMAGE_PROCESSORS, ids=[k for k, _ in IMAGE_PROCESSORS])
+@pytest.mark.parametrize("setting", ["do_resize", "do_pad"])
+def test_image_processor_refuses_what_transformers_refuses(kind, ours_class, setting):
+    import numpy as np
+
+    with pytest.raises(ValueError, match=setting):
+        _reference_image_processor(**{setting: False})
+    with pytest.raises(ValueError, match=setting):
+        ours_class(**{setting: False})
+    # In a call, transformers ignores the setting (its output is the default one); we say so instead.
+    ref = _reference_image_processor()
+    ignored = ref(_noise_images(), return_tensors="np", **{setting: False})["pixel_values"]
+    assert np.array_equal(ignored, ref(_noise_images(), return_tensors="np")["pixel_values"])
+    with pytest.raises(ValueError, match=setting):
+        ours_class()(_noise_images(), **{setting: False})
+
+
+@pytest.mark.parametrize("return_tensors", [None, "np", "pt"])
+def test_image_processor_return_types_match_transformers(return_tensors):
+    got = MllamaImageProcessor()(_noise_images(), return_tensors=return_tensors)
+    want = _reference_image_processor()(_noise_images(), return_tensors=return_tensors)
+    assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in want.items()}
+    fast = MllamaImageProcessorFast()(_noise_images(), return_tensors=return_tensors)
+    expected = {"np": {k: type(v) for k, v in want.items()}}.get(
+        return_tensors, {k: type(v) for k, v in MllamaImageProcessor()(_noise_images(), return_tensors="pt").items()})
+    assert {k: type(v) for k, v in fast.items()} == expected  # torch tensors where it ran unless "np"
+
+
+@pytest.mark.parametrize("kind,ours_class", IMAGE_PROCESSORS, ids=[k for k, _ in IMAGE_PROCESSORS])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_input_data_format_matches_transformers(kind, ours_class, layout):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    array = rng.integers(0, 256, (3, 40, 3), dtype=np.uint8)  # either layout could be meant
+    got = ours_class()(array, input_data_format=layout, return_tensors="np")
+    want = _reference_image_processor()(array, input_data_format=layout, return_tensors="np")
+    _assert_same_images(got, want, 1e-5 if kind == "pil" else _fast_atol(ours_class()))
