@@ -411,3 +411,122 @@ def test_input_data_format_matches_transformers(kind, ours_class, layout):
     got = ours_class()(array, input_data_format=layout, return_tensors="np")
     want = _reference_image_processor()(array, input_data_format=layout, return_tensors="np")
     _assert_same_images(got, want, 1e-5 if kind == "pil" else _fast_atol(ours_class()))
+
+
+# -------------------------------------------------------------------------------------- processor
+def _pictures(seed: int = 5):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))] for h, w in ((60, 80), (700, 300))]
+
+
+PROCESSOR_TEXTS = ["<|image|>Short one", "A much longer text with <|image|> one image here"]
+
+
+def _assert_same_features(ours, ref) -> None:
+    import numpy as np
+
+    assert set(ours.keys()) == set(ref.keys())
+    for key in ref.keys():
+        assert type(ours[key]) is type(ref[key]), key
+        got, want = np.asarray(ours[key]), np.asarray(ref[key])
+        assert got.shape == want.shape and got.dtype == want.dtype, key
+        assert np.allclose(got, want, rtol=0, atol=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def our_processor(mllama_processor_dir):
+    from model import MllamaProcessor
+
+    return MllamaProcessor.from_pretrained(mllama_processor_dir)
+
+
+def test_processor_default_return_type_is_transformers(our_processor, reference_processor):
+    from transformers import BatchFeature as HFBatchFeature
+
+    for call in (dict(text=PROCESSOR_TEXTS, images=_pictures(), padding=True), dict(text="Hello there")):
+        ours, ref = our_processor(**call), reference_processor(**call)
+        assert isinstance(ref, HFBatchFeature)
+        _assert_same_features(ours, ref)  # token ids as lists, image fields as numpy arrays
+
+
+CALL_OPTIONS = {
+    "flat_image_options": dict(padding=True, max_image_tiles=2, size={"height": 280, "width": 280},
+                               do_normalize=False),
+    "rescale_options": dict(padding=True, do_rescale=True, rescale_factor=1 / 127.5,
+                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
+    "nested": dict(text_kwargs={"padding": True, "padding_side": "left"},
+                   images_kwargs={"max_image_tiles": 3, "do_rescale": False}, common_kwargs={"return_tensors": "np"}),
+    "nested_and_flat": dict(text_kwargs={"padding": "longest"}, images_kwargs={"max_image_tiles": 1},
+                            return_tensors="pt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALL_OPTIONS))
+def test_processor_call_options_match_transformers(our_processor, reference_processor, case):
+    import numpy as np
+
+    ours = our_processor(text=PROCESSOR_TEXTS, images=_pictures(), **CALL_OPTIONS[case])
+    ref = reference_processor(text=PROCESSOR_TEXTS, images=_pictures(), **CALL_OPTIONS[case])
+    # transformers sizes cross_attention_mask by the processor's max_image_tiles even when the call
+    # asks for fewer (then it no longer fits pixel_values); ours has the call's tile count. The
+    # tiles both have are equal, and transformers' extra ones are all 0.
+    tiles = np.asarray(ours["pixel_values"]).shape[2]
+    assert np.asarray(ours["cross_attention_mask"]).shape[-1] == tiles
+    assert not np.asarray(ref["cross_attention_mask"])[..., tiles:].any()
+    ref["cross_attention_mask"] = ref["cross_attention_mask"][..., :tiles]
+    _assert_same_features(ours, ref)
+
+
+def test_processor_refuses_an_option_given_twice_or_unknown(our_processor):
+    with pytest.raises(ValueError, match="'padding' was given twice"):
+        our_processor(text="hi", padding=True, text_kwargs={"padding": True})
+    with pytest.raises(TypeError, match="Unexpected arguments \\['paddin'\\]"):
+        our_processor(text="hi", paddin=True)
+
+
+def test_processor_to_json_string_is_transformers(our_processor, reference_processor):
+    assert json.loads(our_processor.to_json_string()) == json.loads(reference_processor.to_json_string())
+
+
+def _chat_call(processor):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, date_string="26 Jul 2024")
+    return processor(text=prompt, images=_pictures()[1], add_special_tokens=False, return_tensors="np")
+
+
+@pytest.mark.parametrize("hub_layout", [False, True], ids=["transformers_layout", "hub_layout"])
+def test_processor_save_pretrained_round_trips_in_both_layouts(our_processor, reference_processor,
+                                                                mllama_processor_dir, tmp_path, hub_layout):
+    import os
+
+    from transformers import AutoProcessor
+
+    from model import MllamaProcessor
+
+    our_processor.save_pretrained(tmp_path / "ours", hub_layout=hub_layout)
+    reference_processor.save_pretrained(tmp_path / "ref")
+    expected_files = sorted(os.listdir(mllama_processor_dir if hub_layout else tmp_path / "ref"))
+    assert sorted(os.listdir(tmp_path / "ours")) == expected_files
+    want = _chat_call(reference_processor)
+    for loaded in (AutoProcessor.from_pretrained(tmp_path / "ours"), MllamaProcessor.from_pretrained(tmp_path / "ours"),
+                   MllamaProcessor.from_pretrained(tmp_path / "ref")):
+        assert loaded.chat_template == reference_processor.chat_template
+        assert json.loads(loaded.to_json_string()) == json.loads(reference_processor.to_json_string())
+        _assert_same_features(_chat_call(loaded), want)
+
+
+def test_saved_processor_keeps_an_added_token(mllama_processor_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    from model import MllamaProcessor
+
+    processor = MllamaProcessor.from_pretrained(mllama_processor_dir)
+    processor.tokenizer.add_tokens(["<|shape_tag|>"])
+    processor.save_pretrained(tmp_path)
+    theirs = AutoProcessor.from_pretrained(tmp_path)
+    assert len(theirs.tokenizer) == len(processor.tokenizer) == len(MllamaProcessor.from_pretrained(tmp_path).tokenizer)
+    text = "a <|shape_tag|> b"
+    assert theirs(text=text)["input_ids"] == processor(text=text)["input_ids"]
