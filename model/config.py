@@ -74,7 +74,10 @@ class _JsonConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
-        data = cls.normalize_keys(dict(data))
+        try:
+            data = cls.normalize_keys(dict(data))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {prefix}{e}") from None
         model_type = data.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ConfigError(f"{source}: {prefix}model_type is {model_type!r}, not {cls.model_type!r}")
@@ -174,6 +177,11 @@ def _keeps_unknown_keys(cls: type) -> type:
         extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
         init(self, *args, **kwargs)
         for key, value in extra.items():
+            derived = getattr(cls, key, None)
+            if isinstance(derived, property) and derived.fset is None:  # e.g. head_dim: computed, not stored
+                if getattr(self, key) != value:
+                    raise ConfigError(f"{key}={value!r} does not agree with the other fields ({getattr(self, key)!r})")
+                continue
             setattr(self, key, value)
 
     cls.__init__ = __init__
@@ -328,7 +336,7 @@ class MllamaTextConfig(_JsonConfig):
         params = data.pop("rope_parameters", None)
         if params is not None:
             if not isinstance(params, dict):
-                raise ConfigError(f"field 'rope_parameters' should be an object, got {params!r}")
+                raise ConfigError(f"rope_parameters should be an object, got {params!r}")
             params = dict(params)
             if "rope_theta" in params:
                 data["rope_theta"] = params.pop("rope_theta")
