@@ -22,7 +22,7 @@ from model.activations import ACTIVATIONS
 from model.image_processing import MllamaImageProcessor
 from model.image_processing_fast import MllamaImageProcessorFast
 from model.tokenizer import MllamaTokenizer
-from reference import VOCAB, ImageSpec, Variant, build_hf_model, make_inputs, relative_error, save_hf
+from reference import VOCAB, ImageSpec, Variant, make_inputs, relative_error
 
 TOL = 1e-4
 TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-mllama"
