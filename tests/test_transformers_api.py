@@ -530,3 +530,13 @@ def test_saved_processor_keeps_an_added_token(mllama_processor_dir, tmp_path):
     assert len(theirs.tokenizer) == len(processor.tokenizer) == len(MllamaProcessor.from_pretrained(tmp_path).tokenizer)
     text = "a <|shape_tag|> b"
     assert theirs(text=text)["input_ids"] == processor(text=text)["input_ids"]
+
+
+def test_tie_word_embeddings_ties_nothing_as_in_transformers(tiny_hf_checkpoint):
+    from transformers import MllamaForConditionalGeneration as HFModel
+
+    folder = tiny_hf_checkpoint(text={"tie_word_embeddings": True})
+    for model in (HFModel.from_pretrained(folder), MllamaForConditionalGeneration.from_pretrained(folder)):
+        assert model.config.text_config.tie_word_embeddings
+        head, table = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+        assert head.data_ptr() != table.data_ptr() and table.shape[0] == head.shape[0] + 8
