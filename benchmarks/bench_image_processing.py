@@ -64,8 +64,8 @@ def main() -> None:
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
     reference = MllamaImageProcessorPil(**HUB_SETTINGS)
-    ours = MllamaImageProcessor()
-    fast = MllamaImageProcessorFast(device=args.device)
+    ours = MllamaImageProcessor(**HUB_SETTINGS)
+    fast = MllamaImageProcessorFast(device=args.device, **HUB_SETTINGS)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     no_sync = lambda: None  # noqa: E731
 
@@ -79,8 +79,8 @@ def main() -> None:
         batch = images if len(images) > 1 else images[0]
         ref = images_per_second(lambda im: reference(im, return_tensors="pt"), batch, len(images), args.repeats,
                                 no_sync)
-        slow = images_per_second(ours, batch, len(images), args.repeats, no_sync)
-        quick = images_per_second(fast, batch, len(images), args.repeats, sync)
+        slow = images_per_second(lambda im: ours(im, return_tensors="pt"), batch, len(images), args.repeats, no_sync)
+        quick = images_per_second(lambda im: fast(im, return_tensors="pt"), batch, len(images), args.repeats, sync)
         print(f"| {name} | {ref:.1f} | {slow:.1f} | {quick:.1f} | {slow / ref:.2f}x | {quick / ref:.2f}x |")
 
 

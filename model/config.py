@@ -1,17 +1,21 @@
 """Mllama configuration: dataclasses read from a checkpoint's config.json.
 
-The field names are the JSON keys of the Hub files (and of transformers' configs). Generic keys
-that transformers writes into every config (`max_length`, `id2label`, ...) are ignored; a known
-key with a value of the wrong type is an error that names the field and the file.
+The field names are the JSON keys of the Hub files (and of transformers' configs). Keys that are
+not fields (`transformers_version`, `id2label`, a future field, ...) are kept as attributes and
+written back by `to_dict`, as transformers does; a known key with a value of the wrong type is an
+error that names the field and the file.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .activations import get_activation
 
 SEMANTICS = ("meta", "transformers")
 """`meta`: the math of Meta's reference code, which the weights were trained with (default).
@@ -24,6 +28,13 @@ DEFAULT_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1],
 
 class ConfigError(ValueError):
     """A config.json that cannot describe an Mllama model."""
+
+
+def _check_activation(name: str) -> None:
+    try:
+        get_activation(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_semantics(value: str) -> str:
@@ -50,44 +61,144 @@ def _type_ok(value: Any, typ: Any) -> bool:
 
 
 class _JsonConfig:
-    """Shared from_dict/to_dict for the three config dataclasses."""
+    """Shared dict/JSON/folder round trips of the three config dataclasses."""
 
     model_type: ClassVar[str]
+    # Where this config sits inside a full Mllama config.json (None: it is the full config).
+    sub_config_key: ClassVar[str | None] = None
+
+    @classmethod
+    def normalize_keys(cls, data: dict) -> dict:
+        """Other spellings of the same fields (older or newer checkpoints) -> the field names."""
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in data or not f.init:
-                continue
-            value = data[f.name]
-            if not _type_ok(value, hints[f.name]):
-                raise ConfigError(
-                    f"{source}: field '{prefix}{f.name}' should be {_type_name(hints[f.name])}, "
-                    f"got {value!r}"
-                )
-            kwargs[f.name] = float(value) if hints[f.name] is float else value
         try:
-            return cls(**kwargs)
+            data = cls.normalize_keys(dict(data))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {prefix}{e}") from None
+        model_type = data.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ConfigError(f"{source}: {prefix}model_type is {model_type!r}, not {cls.model_type!r}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in data and f.init and not _type_ok(data[f.name], hints[f.name]):
+                raise ConfigError(
+                    f"{source}: field '{prefix}{f.name}' should be {_type_name(hints[f.name])}, got {data[f.name]!r}"
+                )
+            if f.name in data and hints[f.name] is float:
+                data[f.name] = float(data[f.name])
+        try:
+            return cls(**data)
         except ConfigError as e:
             raise ConfigError(f"{source}: {prefix}{e}") from None
 
+    def extra_keys(self) -> dict:
+        """The keys kept from the source that are not fields of this class."""
+        names = {f.name for f in dataclasses.fields(self)}
+        return {k: v for k, v in vars(self).items() if k not in names and not k.startswith("_")}
+
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "semantics"}
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # semantics is ours, not the reference's: written only when it is not the default.
+            if f.name != "semantics" or value != "meta":
+                out[f.name] = value.to_dict() if isinstance(value, _JsonConfig) else value
+        out.update(self.extra_keys())
         out["model_type"] = self.model_type
         return json.loads(json.dumps(out))  # deep copy of lists/dicts
+
+    def to_json_string(self, use_diff: bool = False) -> str:
+        """The JSON text `save_pretrained` writes (every field; `use_diff` is accepted for
+        transformers' signature and changes nothing)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, file: str | os.PathLike, use_diff: bool = False) -> None:
+        with open(file, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.to_json_file(os.path.join(folder, "config.json"))
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> "_JsonConfig":
+        """The config of the text decoder: `text_config` of a full config, else this config."""
+        return getattr(self, "text_config", self)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any):
+        """Read `config.json` from a checkpoint folder (or a hub id already in the local cache); a
+        sub-config also reads its part of a full Mllama config.json."""
+        from .hub import resolve_checkpoint
+
+        folder = resolve_checkpoint(path, allow_patterns=["config.json"])
+        return cls.from_json_file(os.path.join(folder, "config.json"), **overrides)
+
+    @classmethod
+    def from_json_file(cls, file: str | os.PathLike, **overrides: Any):
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{file} does not exist: a checkpoint folder needs a config.json") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file} is not valid JSON: {e}") from None
+        prefix = ""
+        if cls.sub_config_key and isinstance(data, dict) and data.get("model_type") == MllamaConfig.model_type:
+            prefix = f"{cls.sub_config_key}."
+            data = data.get(cls.sub_config_key, {})
+            if not isinstance(data, dict):
+                raise ConfigError(f"{file}: field '{prefix[:-1]}' should be an object, got {data!r}")
+        semantics = overrides.pop("semantics", None)
+        config = cls.from_dict(data, source=str(file), prefix=prefix)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise ConfigError(f"unknown config field {key!r}")
+            setattr(config, key, value)
+        if semantics is not None:
+            config.semantics = semantics
+        return config
+
+
+def _keeps_unknown_keys(cls: type) -> type:
+    """Let the dataclass `__init__` take any keyword, as transformers' configs do: other spellings
+    are mapped to the fields, `model_type` is checked, the rest become attributes."""
+    init = cls.__init__
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs = cls.normalize_keys(kwargs)
+        model_type = kwargs.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ConfigError(f"model_type is {model_type!r}, not {cls.model_type!r}")
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
+        init(self, *args, **kwargs)
+        for key, value in extra.items():
+            derived = getattr(cls, key, None)
+            if isinstance(derived, property) and derived.fset is None:  # e.g. head_dim: computed, not stored
+                if getattr(self, key) != value:
+                    raise ConfigError(f"{key}={value!r} does not agree with the other fields ({getattr(self, key)!r})")
+                continue
+            setattr(self, key, value)
+
+    cls.__init__ = __init__
+    return cls
 
 
 def _type_name(typ: Any) -> str:
     return str(typ).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+@_keeps_unknown_keys
 @dataclass
 class MllamaVisionConfig(_JsonConfig):
     """The tiled ViT: 'local' encoder layers, gated 'global' layers, intermediate features."""
 
     model_type: ClassVar[str] = "mllama_vision_model"
+    sub_config_key: ClassVar[str] = "vision_config"
     hidden_size: int = 1280
     hidden_act: str = "gelu"
     num_hidden_layers: int = 32
@@ -111,8 +222,7 @@ class MllamaVisionConfig(_JsonConfig):
         if self.supported_aspect_ratios is None:
             self.supported_aspect_ratios = [list(r) for r in DEFAULT_ASPECT_RATIOS]
         _check_semantics(self.semantics)
-        if self.hidden_act != "gelu":
-            raise ConfigError(f"hidden_act: only 'gelu' is supported, got {self.hidden_act!r}")
+        _check_activation(self.hidden_act)
         if self.hidden_size % self.attention_heads:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by attention_heads ({self.attention_heads})"
@@ -151,18 +261,20 @@ class MllamaVisionConfig(_JsonConfig):
         return (self.image_size // self.patch_size) ** 2 + 1
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
-        data = dict(data)
-        if "attention_heads" not in data and "num_attention_heads" in data:
-            data["attention_heads"] = data["num_attention_heads"]
-        return super().from_dict(data, source, prefix)
+    def normalize_keys(cls, data: dict) -> dict:
+        if "num_attention_heads" in data:
+            heads = data.pop("num_attention_heads")
+            data.setdefault("attention_heads", heads)
+        return data
 
 
+@_keeps_unknown_keys
 @dataclass
 class MllamaTextConfig(_JsonConfig):
     """Llama 3.1 decoder with gated cross-attention layers at `cross_attention_layers`."""
 
     model_type: ClassVar[str] = "mllama_text_model"
+    sub_config_key: ClassVar[str] = "text_config"
     vocab_size: int = 128256
     hidden_size: int = 4096
     hidden_act: str = "silu"
@@ -188,8 +300,7 @@ class MllamaTextConfig(_JsonConfig):
         if self.cross_attention_layers is None:
             self.cross_attention_layers = [3, 8, 13, 18, 23, 28, 33, 38]
         _check_semantics(self.semantics)
-        if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
+        _check_activation(self.hidden_act)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
@@ -199,11 +310,8 @@ class MllamaTextConfig(_JsonConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        for i in self.cross_attention_layers:
-            if not 0 <= i < self.num_hidden_layers:
-                raise ConfigError(
-                    f"cross_attention_layers: {i} is not a layer index (num_hidden_layers={self.num_hidden_layers})"
-                )
+        # Entries that are not layer indices (>= num_hidden_layers) are kept and name no layer, as in
+        # transformers: a config can be cut to fewer layers without editing this list.
         if self.rope_scaling is not None:
             scaling = dict(self.rope_scaling)
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
@@ -223,20 +331,20 @@ class MllamaTextConfig(_JsonConfig):
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
-        data = dict(data)
+    def normalize_keys(cls, data: dict) -> dict:
         # transformers >= 5 writes one `rope_parameters` object that also holds rope_theta.
         params = data.pop("rope_parameters", None)
         if params is not None:
             if not isinstance(params, dict):
-                raise ConfigError(f"{source}: field '{prefix}rope_parameters' should be an object, got {params!r}")
+                raise ConfigError(f"rope_parameters should be an object, got {params!r}")
             params = dict(params)
             if "rope_theta" in params:
                 data["rope_theta"] = params.pop("rope_theta")
             data.setdefault("rope_scaling", params)
-        return super().from_dict(data, source, prefix)
+        return data
 
 
+@_keeps_unknown_keys
 @dataclass
 class MllamaConfig(_JsonConfig):
     """The whole model: vision tower, projector and text decoder."""
@@ -269,6 +377,16 @@ class MllamaConfig(_JsonConfig):
         return self.image_token_index
 
     @classmethod
+    def normalize_keys(cls, data: dict) -> dict:
+        if "image_token_id" in data:
+            token = data.pop("image_token_id")
+            data.setdefault("image_token_index", token)
+        if "dtype" in data:  # transformers >= 5's name of torch_dtype
+            dtype = data.pop("dtype")
+            data.setdefault("torch_dtype", dtype)
+        return data
+
+    @classmethod
     def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
         if data.get("model_type", "mllama") != "mllama":
             raise ConfigError(
@@ -276,10 +394,6 @@ class MllamaConfig(_JsonConfig):
                 "checkpoint"
             )
         data = dict(data)
-        if "image_token_index" not in data and "image_token_id" in data:
-            data["image_token_index"] = data["image_token_id"]
-        if "torch_dtype" not in data and "dtype" in data:
-            data["torch_dtype"] = data["dtype"]
         for key, sub in (("vision_config", MllamaVisionConfig), ("text_config", MllamaTextConfig)):
             value = data.get(key, {})
             if not isinstance(value, dict):
@@ -288,46 +402,8 @@ class MllamaConfig(_JsonConfig):
         return super().from_dict(data, source, prefix)
 
     def to_dict(self) -> dict:
-        out = {
-            "image_token_index": self.image_token_index,
-            "model_type": self.model_type,
-            "text_config": self.text_config.to_dict(),
-            "vision_config": self.vision_config.to_dict(),
-        }
+        out = super().to_dict()
         for key in ("architectures", "torch_dtype"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
+            if out[key] is None:
+                del out[key]
         return out
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "MllamaConfig":
-        """Read `config.json` from a checkpoint folder (or a hub id already in the local cache)."""
-        from .hub import resolve_checkpoint
-
-        folder = resolve_checkpoint(path, allow_patterns=["config.json"])
-        return cls.from_json_file(os.path.join(folder, "config.json"), **overrides)
-
-    @classmethod
-    def from_json_file(cls, file: str | os.PathLike, **overrides: Any) -> "MllamaConfig":
-        try:
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{file} does not exist: a checkpoint folder needs a config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file} is not valid JSON: {e}") from None
-        semantics = overrides.pop("semantics", None)
-        config = cls.from_dict(data, source=str(file))
-        for key, value in overrides.items():
-            if not hasattr(config, key):
-                raise ConfigError(f"unknown config field {key!r}")
-            setattr(config, key, value)
-        if semantics is not None:
-            config.semantics = semantics
-        return config
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")

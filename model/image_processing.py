@@ -95,18 +95,20 @@ def normalization_table(rescale_factor: float, mean: Sequence[float], std: Seque
 
 
 # ----------------------------------------------------------------------------- inputs
-def to_rgb_array(image: Any) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from a PIL image, numpy array or torch tensor (see the module docstring)."""
+def to_rgb_array(image: Any, channels_first: bool | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a PIL image, numpy array or torch tensor (see the module docstring);
+    `channels_first` says how a 3-D array is laid out (None: guess)."""
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if type(image).__module__.startswith("torch"):
         array = image.detach().cpu().numpy()
-        channels_first = array.ndim == 3 and array.shape[0] in (1, 3, 4)
+        guess = array.ndim == 3 and array.shape[0] in (1, 3, 4)
     elif isinstance(image, np.ndarray):
         array = image
-        channels_first = array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4)
+        guess = array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4)
     else:
         raise ImageLoadError(f"Expected a PIL image, numpy array or torch tensor, got {type(image).__name__}.")
+    channels_first = guess if channels_first is None or array.ndim != 3 else channels_first
     if array.ndim == 2:
         array = array[:, :, None]
     elif array.ndim != 3 or (array.shape[0] if channels_first else array.shape[-1]) not in (1, 3, 4):
@@ -171,22 +173,26 @@ def load_nested_images(images: Any) -> list[list[Any]]:
 # ----------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class ImageProcessorSettings:
-    """The fields of preprocessor_config.json that the processing uses (defaults: the Hub's 11B files)."""
+    """The fields of preprocessor_config.json that the processing uses. Defaults: transformers'
+    MllamaImageProcessor() (224-px tiles, mean = std = 0.5); checkpoints set their own (`HUB_SETTINGS`)."""
 
+    do_convert_rgb: bool = True  # always done: the model takes 3 channels
     do_resize: bool = True
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
-    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     do_pad: bool = True
     max_image_tiles: int = 4
     resample: int = Image.Resampling.BILINEAR
-    tile_size: int = 560
+    tile_size: int = 224
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "the image processor config") -> ImageProcessorSettings:
         values = {f.name: config[f.name] for f in fields(cls) if f.name in config and f.name != "tile_size"}
+        if isinstance(config.get("size"), int):  # transformers also takes one number for a square
+            config = {**config, "size": {"height": config["size"], "width": config["size"]}}
         size = config.get("size", {"height": cls.tile_size, "width": cls.tile_size})
         if not isinstance(size, dict) or size.get("height") != size.get("width") or not size.get("height"):
             raise ValueError(f"`size` in {source} must be a square {{'height': S, 'width': S}}, got {size!r}.")
@@ -197,6 +203,8 @@ class ImageProcessorSettings:
                     raise ValueError(f"`{name}` in {source} must have 3 values (R, G, B), got {values[name]!r}.")
         if values.get("do_resize") is False or values.get("do_pad") is False:
             raise ValueError(f"{source}: Mllama requires do_resize=true and do_pad=true (the model only sees tiles).")
+        if "resample" in values:
+            values["resample"] = int(values["resample"])
         if not isinstance(values.get("max_image_tiles", 4), int) or values.get("max_image_tiles", 4) < 1:
             raise ValueError(f"`max_image_tiles` in {source} must be a positive integer, got "
                              f"{values['max_image_tiles']!r}.")
@@ -231,52 +239,131 @@ class ImageProcessorSettings:
         return normalization_table(self.rescale_factor, self.image_mean, self.image_std, self.do_rescale,
                                    self.do_normalize)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The preprocessor_config.json fields, spelled as transformers writes them."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tile_size"}
+        out.update(image_mean=list(self.image_mean), image_std=list(self.image_std), resample=int(self.resample),
+                   size={"height": self.tile_size, "width": self.tile_size})
+        return out
 
-# ----------------------------------------------------------------------------- the processor
-class MllamaImageProcessor:
-    """PIL/numpy image processor, numerically equal to transformers' MllamaImageProcessor (PIL backend)."""
+
+HUB_SETTINGS = ImageProcessorSettings(image_mean=(0.48145466, 0.4578275, 0.40821073),
+                                      image_std=(0.26862954, 0.26130258, 0.27577711), tile_size=560)
+"""The settings of the official checkpoints' preprocessor_config.json (560-px tiles, CLIP mean/std)."""
+
+# Keyword arguments of a call that are settings for that call only.
+CALL_SETTINGS = ("do_convert_rgb", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                 "image_std", "do_pad", "max_image_tiles", "resample", "size")
+
+
+def channels_first_arg(input_data_format: Any) -> bool | None:
+    """transformers' `input_data_format` ("channels_first"/"channels_last" or its enum; None: guess)."""
+    if input_data_format is None:
+        return None
+    value = getattr(input_data_format, "value", input_data_format)
+    if value not in ("channels_first", "channels_last"):
+        raise ValueError(f"input_data_format must be 'channels_first', 'channels_last' or None, got {value!r}")
+    return value == "channels_first"
+
+
+class ImageProcessorBase:
+    """Settings as attributes (`size`, `max_image_tiles`, `image_mean`, ...), dict/JSON/folder round trips
+    and per-call overrides, as transformers' image processors have them."""
 
     model_input_names = ["pixel_values", "num_tiles", "aspect_ratio_ids", "aspect_ratio_mask"]
+    settings: ImageProcessorSettings
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "size":
+            return {"height": self.settings.tile_size, "width": self.settings.tile_size}
+        if name in CALL_SETTINGS and "settings" in self.__dict__:
+            return getattr(self.settings, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in CALL_SETTINGS:
+            self._use(self.settings.replace(**{name: value}))
+        else:
+            super().__setattr__(name, value)
+
+    def _use(self, settings: ImageProcessorSettings) -> None:
+        self.__dict__["settings"] = settings
+
+    def call_settings(self, overrides: dict[str, Any]) -> ImageProcessorSettings:
+        """This call's settings: the processor's, with the call's keyword arguments applied."""
+        unknown = sorted(k for k in overrides if k not in CALL_SETTINGS)
+        if unknown:
+            raise TypeError(f"Unexpected arguments {unknown}; the image processor takes images, return_tensors, "
+                            f"input_data_format and the settings {', '.join(CALL_SETTINGS)}.")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.settings.replace(**given) if given else self.settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.settings.to_dict(), "image_processor_type": type(self).__name__}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json_string())
+
+    def save_pretrained(self, folder: str | Path) -> list[str]:
+        """Write preprocessor_config.json (what transformers' image processors write)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path = Path(folder) / "preprocessor_config.json"
+        self.to_json_file(path)
+        return [str(path)]
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], **kwargs: Any):
+        """From preprocessor_config.json's fields (keys that are not settings, such as
+        `image_processor_type`, are ignored); `kwargs` override them."""
+        return cls(ImageProcessorSettings.from_dict(config), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+# ----------------------------------------------------------------------------- the processor
+class MllamaImageProcessor(ImageProcessorBase):
+    """PIL/numpy image processor, numerically equal to transformers' MllamaImageProcessor (PIL backend)."""
 
     def __init__(self, settings: ImageProcessorSettings | None = None, **overrides: Any) -> None:
-        self.settings = (settings or ImageProcessorSettings()).replace(**overrides)
-        self._table = self.settings.table()
+        self._use((settings or ImageProcessorSettings()).replace(**overrides))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> MllamaImageProcessor:
         return cls(ImageProcessorSettings.from_pretrained(folder), **overrides)
 
-    @property
-    def max_image_tiles(self) -> int:
-        return self.settings.max_image_tiles
+    def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
 
-    def __call__(self, images: Any, return_tensors: str | None = "pt", max_image_tiles: int | None = None,
-                 **kwargs: Any) -> BatchFeature:
-        return self.preprocess(images, return_tensors=return_tensors, max_image_tiles=max_image_tiles, **kwargs)
-
-    def preprocess(self, images: Any, return_tensors: str | None = "pt", max_image_tiles: int | None = None,
-                   **kwargs: Any) -> BatchFeature:
-        if kwargs:
-            raise TypeError(f"Unexpected arguments {sorted(kwargs)}; the image processor takes images, "
-                            "return_tensors and max_image_tiles.")
-        tiles_max = max_image_tiles or self.settings.max_image_tiles
+    def preprocess(self, images: Any, return_tensors: str | None = None, input_data_format: Any = None,
+                   **settings: Any) -> BatchFeature:
+        """pixel_values, aspect_ratio_ids, aspect_ratio_mask (numpy arrays unless return_tensors is "pt")
+        and num_tiles; keyword settings (size, do_rescale, max_image_tiles, ...) apply to this call."""
+        call = self.call_settings(settings)
+        channels_first = channels_first_arg(input_data_format)
+        table = call.table()
         nested = load_nested_images(images)
-        tile = self.settings.tile_size
+        tile, tiles_max = call.tile_size, call.max_image_tiles
         pixel_values = np.zeros((len(nested), max(map(len, nested)), tiles_max, 3, tile, tile), dtype=np.float32)
-        grids = [[self._process_one(img, pixel_values[b, j], tiles_max) for j, img in enumerate(sample)]
-                 for b, sample in enumerate(nested)]
+        grids = [[self._process_one(img, pixel_values[b, j], call, table, channels_first)
+                  for j, img in enumerate(sample)] for b, sample in enumerate(nested)]
         ids, mask = aspect_ratio_ids_and_mask(grids, tiles_max)
         out = convert_tensors({"pixel_values": pixel_values, "aspect_ratio_ids": ids, "aspect_ratio_mask": mask},
                               return_tensors)
         out["num_tiles"] = [[rows * cols for rows, cols in sample] for sample in grids]
         return out
 
-    def _process_one(self, image: Any, out: np.ndarray, max_image_tiles: int) -> tuple[int, int]:
+    @staticmethod
+    def _process_one(image: Any, out: np.ndarray, settings: ImageProcessorSettings, table: np.ndarray,
+                     channels_first: bool | None) -> tuple[int, int]:
         """Resize, pad, normalise and tile one image into `out` (max_image_tiles, 3, S, S); returns (rows, cols)."""
-        rgb = to_rgb_array(image)
-        (new_h, new_w), grid = plan_resize(rgb.shape[0], rgb.shape[1], max_image_tiles, self.settings.tile_size)
-        resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=self.settings.resample))
-        normalize_into_tiles(np.moveaxis(resized, -1, 0), grid, self._table, out)
+        rgb = to_rgb_array(image, channels_first)
+        (new_h, new_w), grid = plan_resize(rgb.shape[0], rgb.shape[1], settings.max_image_tiles, settings.tile_size)
+        resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=settings.resample))
+        normalize_into_tiles(np.moveaxis(resized, -1, 0), grid, table, out)
         return grid
 
 

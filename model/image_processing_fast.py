@@ -18,17 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .batch_feature import BatchFeature, convert_tensors
-from .image_processing import (ImageProcessorSettings, aspect_ratio_ids_and_mask, load_nested_images,
-                               normalize_into_tiles, plan_resize, to_rgb_array)
+from .image_processing import (ImageProcessorBase, ImageProcessorSettings, aspect_ratio_ids_and_mask,
+                               channels_first_arg, load_nested_images, normalize_into_tiles, plan_resize,
+                               to_rgb_array)
 
 
-def _to_chw_uint8(image: Any, device: torch.device) -> torch.Tensor:
+def _to_chw_uint8(image: Any, device: torch.device, channels_first: bool | None = None) -> torch.Tensor:
     """(3, H, W) uint8 on `device`; a uint8 RGB tensor stays where it is until moved, others go via numpy."""
-    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
+    if (isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+            and channels_first is not False):
         return image.to(device)
-    array = to_rgb_array(image)
+    array = to_rgb_array(image, channels_first)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only array from PIL: we never write into it
         return torch.from_numpy(array).to(device).permute(2, 0, 1)
@@ -54,35 +57,30 @@ def resize_via_float(images: torch.Tensor, height: int, width: int) -> torch.Ten
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class MllamaImageProcessorFast:
+class MllamaImageProcessorFast(ImageProcessorBase):
     """Torch image processor; `device` picks where the work runs (outputs stay there)."""
-
-    model_input_names = ["pixel_values", "num_tiles", "aspect_ratio_ids", "aspect_ratio_mask"]
 
     def __init__(self, settings: ImageProcessorSettings | None = None, device: str | torch.device = "cpu",
                  **overrides: Any) -> None:
-        self.settings = base = (settings or ImageProcessorSettings()).replace(**overrides)
         self.device = torch.device(device)
-        self._table = base.table()
-        # Off CPU, level v -> v * gain + offset: the table up to float32 rounding (~1e-6).
-        table = torch.from_numpy(self._table).double()
-        self._gain = (table[:, 255] - table[:, 0]).div(255).float().view(3, 1, 1).to(self.device)
-        self._offset_chw = table[:, 0].float().view(3, 1, 1).to(self.device)
+        self._use((settings or ImageProcessorSettings()).replace(**overrides))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
                         **overrides: Any) -> MllamaImageProcessorFast:
         return cls(ImageProcessorSettings.from_pretrained(folder), device=device, **overrides)
 
-    @property
-    def max_image_tiles(self) -> int:
-        return self.settings.max_image_tiles
+    def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
 
-    def __call__(self, images: Any, return_tensors: str | None = "pt", max_image_tiles: int | None = None,
-                 **kwargs: Any) -> BatchFeature:
-        return self.preprocess(images, return_tensors=return_tensors, max_image_tiles=max_image_tiles, **kwargs)
+    def _gain_offset(self, table: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Off CPU, level v -> v * gain + offset: the table up to float32 rounding (~1e-6)."""
+        levels = torch.from_numpy(table).double()
+        gain = (levels[:, 255] - levels[:, 0]).div(255).float().view(3, 1, 1).to(self.device)
+        return gain, levels[:, 0].float().view(3, 1, 1).to(self.device)
 
-    def _normalize_into_tiles(self, image: torch.Tensor, grid: tuple[int, int], out: torch.Tensor) -> None:
+    def _normalize_into_tiles(self, image: torch.Tensor, grid: tuple[int, int], out: torch.Tensor,
+                              table: np.ndarray | None = None) -> None:
         """Torch version of image_processing.normalize_into_tiles: one multiply-add per channel."""
         rows, cols = grid
         tile = out.shape[-1]
@@ -91,18 +89,22 @@ class MllamaImageProcessorFast:
             for c in range(cols):
                 part = image[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
                 tiles[r, c, :, : part.shape[1], : part.shape[2]].copy_(part)
-        tiles.mul_(self._gain).add_(self._offset_chw)  # level 0 padding becomes normalised black
+        gain, offset = self._gain_offset(self.settings.table() if table is None else table)
+        tiles.mul_(gain).add_(offset)  # level 0 padding becomes normalised black
 
     @torch.no_grad()  # not inference_mode: its tensors could not be used by a model being trained
-    def preprocess(self, images: Any, return_tensors: str | None = "pt", max_image_tiles: int | None = None,
-                   **kwargs: Any) -> BatchFeature:
-        if kwargs:
-            raise TypeError(f"Unexpected arguments {sorted(kwargs)}; the image processor takes images, "
-                            "return_tensors and max_image_tiles.")
-        tiles_max = max_image_tiles or self.settings.max_image_tiles
-        tile = self.settings.tile_size
+    def preprocess(self, images: Any, return_tensors: str | None = None, input_data_format: Any = None,
+                   **settings: Any) -> BatchFeature:
+        """As MllamaImageProcessor.preprocess; outputs are torch tensors on `device` unless return_tensors="np"."""
+        call = self.call_settings(settings)
+        if call.resample != Image.Resampling.BILINEAR:
+            raise ValueError(f"resample={call.resample!r}: the fast processor resizes bilinearly (resample=2) only; "
+                             "use MllamaImageProcessor for other filters")
+        channels_first = channels_first_arg(input_data_format)
+        table = call.table()
+        tiles_max, tile = call.max_image_tiles, call.tile_size
         nested = load_nested_images(images)
-        flat = [_to_chw_uint8(img, self.device) for sample in nested for img in sample]
+        flat = [_to_chw_uint8(img, self.device, channels_first) for sample in nested for img in sample]
         plans = [plan_resize(img.shape[1], img.shape[2], tiles_max, tile) for img in flat]
 
         # Resize every group of same-size images with the same target in one call. Stacking in
@@ -128,9 +130,9 @@ class MllamaImageProcessorFast:
             for j in range(len(sample)):
                 grid = plans[i][1]
                 if self.device.type == "cpu":  # numpy's single-threaded table lookup: exact, no thread wake-ups
-                    normalize_into_tiles(resized[i].numpy(), grid, self._table, pixel_values[b, j].numpy())
+                    normalize_into_tiles(resized[i].numpy(), grid, table, pixel_values[b, j].numpy())
                 else:
-                    self._normalize_into_tiles(resized[i], grid, pixel_values[b, j])
+                    self._normalize_into_tiles(resized[i], grid, pixel_values[b, j], table)
                 i += 1
         grids = [[plans[k][1] for k in range(start, start + len(sample))]
                  for start, sample in zip(np.cumsum([0] + [len(s) for s in nested[:-1]]), nested)]

@@ -41,6 +41,7 @@ from .device_map import (
     resolve_device_map,
     torch_device,
 )
+from .embeddings import EmbeddingsMixin
 from .hub import CHECKPOINT_FILES, resolve_checkpoint
 
 __all__ = ["MllamaPreTrainedModel", "CheckpointError"]
@@ -51,7 +52,7 @@ _SUB_CONFIG_KEY = {MllamaTextConfig: "text_config", MllamaVisionConfig: "vision_
 _READ_THREADS = 4
 
 
-class MllamaPreTrainedModel(nn.Module):
+class MllamaPreTrainedModel(EmbeddingsMixin, nn.Module):
     config_class: ClassVar[type]
     # (checkpoint prefix, module prefix) pairs tried in order; checkpoint keys that match none are
     # not ours (e.g. vision weights when loading only the text model) and are skipped. A catch-all

@@ -7,6 +7,7 @@ cross-attention mask (B, L, N, max_image_tiles) built from the positions of the 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,12 +16,41 @@ import numpy as np
 from .batch_feature import BatchFeature, convert_tensors
 from .chat_template import ChatTemplateError, load_chat_template, render_chat_template
 from .image_io import load_image
-from .image_processing import MllamaImageProcessor, make_nested_images
+from .image_processing import CALL_SETTINGS, MllamaImageProcessor, make_nested_images
 from .image_processing_fast import MllamaImageProcessorFast
 from .tokenizer import MllamaTokenizer
 
 __all__ = ["BatchFeature", "MllamaProcessor", "get_cross_attention_token_mask",
            "convert_sparse_cross_attention_mask_to_dense", "build_string_from_input"]
+
+# The text options of a call and their defaults; every other option is an image setting.
+TEXT_OPTIONS = {"padding": False, "padding_side": None, "truncation": False, "max_length": None,
+                "add_special_tokens": True}
+IMAGE_OPTIONS = (*CALL_SETTINGS, "input_data_format")
+
+
+def split_call_options(options: dict[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """(return_tensors, text options, image options) of a processor call, from flat keywords and
+    transformers' nested `text_kwargs` / `images_kwargs` / `common_kwargs` dicts."""
+    options = dict(options)
+    merged: dict[str, Any] = {}
+    for group in ("text_kwargs", "images_kwargs", "common_kwargs"):
+        nested = options.pop(group, None) or {}
+        if not isinstance(nested, dict):
+            raise TypeError(f"{group} must be a dict of options, got {type(nested).__name__}")
+        for key, value in nested.items():
+            if key in options or key in merged:
+                raise ValueError(f"{key!r} was given twice (in {group} and elsewhere); give it once")
+            merged[key] = value
+    merged.update(options)
+    return_tensors = merged.pop("return_tensors", None)
+    text = {key: merged.pop(key, default) for key, default in TEXT_OPTIONS.items()}
+    unknown = sorted(k for k in merged if k not in IMAGE_OPTIONS)
+    if unknown:
+        raise TypeError(f"Unexpected arguments {unknown}; the processor takes return_tensors, the text options "
+                        f"{', '.join(TEXT_OPTIONS)} and the image options {', '.join(IMAGE_OPTIONS)} (flat, or in "
+                        "text_kwargs / images_kwargs / common_kwargs)")
+    return return_tensors, text, merged
 
 
 def get_cross_attention_token_mask(input_ids: Sequence[int], image_token_id: int) -> list[list[int]]:
@@ -113,14 +143,50 @@ class MllamaProcessor:
         return ["input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
                 "cross_attention_mask"]
 
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        """What processor_config.json holds (the tokenizer and chat template have their own files)."""
+        return {"image_processor": self.image_processor.to_dict(), "processor_class": type(self).__name__}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, folder: str | Path, hub_layout: bool = False) -> list[str]:
+        """Write the processor's files. Default: what transformers 5 writes (processor_config.json,
+        chat_template.jinja, tokenizer.json, tokenizer_config.json); `hub_layout=True`: the official
+        checkpoints' files (preprocessor_config.json, chat_template.json, special_tokens_map.json and
+        the tokenizer files). Both load here and in transformers."""
+        folder = Path(folder)
+        files = self.tokenizer.save_pretrained(folder, special_tokens_map=hub_layout)
+        if hub_layout:
+            config = {**self.image_processor.to_dict(), "processor_class": type(self).__name__}
+            files.append(str(folder / "preprocessor_config.json"))
+            (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if self.chat_template is not None:
+                files.append(str(folder / "chat_template.json"))
+                (folder / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template},
+                                                                      indent=2) + "\n")
+        else:
+            files.append(str(folder / "processor_config.json"))
+            (folder / "processor_config.json").write_text(self.to_json_string())
+            if self.chat_template is not None:
+                files.append(str(folder / "chat_template.jinja"))
+                (folder / "chat_template.jinja").write_text(self.chat_template)
+        return files
+
     # ------------------------------------------------------------------ __call__
-    def __call__(self, images: Any = None, text: str | Sequence[str] | None = None, return_tensors: str | None = "pt",
-                 padding: bool | str = False, padding_side: str | None = None, truncation: bool = False,
-                 max_length: int | None = None, add_special_tokens: bool = True,
-                 max_image_tiles: int | None = None) -> BatchFeature:
+    def __call__(self, images: Any = None, text: str | Sequence[str] | None = None, **options: Any) -> BatchFeature:
         """Tokenize `text` and process `images` (one per `<|image|>`, nested per sample for a batch).
-        Raises when a prompt is longer than max_length (default: the tokenizer's model_max_length)
-        unless truncation=True."""
+
+        Options, flat or in transformers' nested `text_kwargs` / `images_kwargs` / `common_kwargs`:
+        return_tensors (None: token ids as lists and image fields as the image processor returns them,
+        as transformers does; "pt"; "np"), padding, padding_side, truncation, max_length,
+        add_special_tokens, and the image processor's settings (max_image_tiles, size, do_rescale,
+        rescale_factor, do_normalize, image_mean, image_std, input_data_format, ...). Raises when a
+        prompt is longer than max_length (default: the tokenizer's model_max_length) unless
+        truncation=True."""
+        return_tensors, text_options, image_options = split_call_options(options)
+        padding, padding_side, truncation, max_length, add_special_tokens = text_options.values()
         if text is None and images is None:
             raise ValueError("Give text, images or both.")
         data: dict[str, Any] = {}
@@ -135,22 +201,23 @@ class MllamaProcessor:
                                        truncation=truncation, max_length=max_length, padding_side=padding_side))
             self._check_lengths(data["input_ids"], texts, max_length, truncation)
         if nested is not None:
-            data.update(self.image_inputs(nested, data.get("input_ids"), max_image_tiles))
+            data.update(self.image_inputs(nested, data.get("input_ids"), **image_options))
         if return_tensors is not None and text is not None and len({len(ids) for ids in data["input_ids"]}) > 1:
             raise ValueError("The texts tokenize to different lengths, so they cannot be stacked into one tensor. "
                              "Pass padding=True (and padding_side='left' for generation).")
         return convert_tensors(data, return_tensors)
 
     def image_inputs(self, images: list[list[Any]], input_ids: list[list[int]] | None = None,
-                     max_image_tiles: int | None = None) -> dict[str, Any]:
+                     **image_options: Any) -> dict[str, Any]:
         """pixel_values, aspect_ratio_ids and aspect_ratio_mask of the images (one list per sample),
-        and with the samples' token ids also their cross_attention_mask (as lists)."""
-        data = self.image_processor(images, return_tensors=None, max_image_tiles=max_image_tiles)
+        and with the samples' token ids also their cross_attention_mask (a numpy array)."""
+        data = self.image_processor(images, return_tensors=None, **image_options)
         num_tiles = data.pop("num_tiles")
         if input_ids is not None:
+            tiles = image_options.get("max_image_tiles") or self.image_processor.max_image_tiles
             spans = [get_cross_attention_token_mask(ids, self.image_token_id) for ids in input_ids]
             data["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
-                spans, num_tiles, max_image_tiles or self.image_processor.max_image_tiles, max(map(len, input_ids)))
+                spans, num_tiles, tiles, max(map(len, input_ids)))
         return data
 
     def _check_image_counts(self, texts: list[str], nested: list[list[Any]] | None) -> None:

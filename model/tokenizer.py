@@ -39,6 +39,7 @@ class MllamaTokenizer:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         self.padding_side = padding_side
+        self.init_kwargs: dict[str, Any] = {}  # tokenizer_config.json as read, written back by save_pretrained
 
     @property
     def backend_tokenizer(self) -> Tokenizer:
@@ -61,9 +62,31 @@ class MllamaTokenizer:
             if file.is_file():
                 settings.update(json.loads(file.read_text()))
         limit = settings.get("model_max_length") or _VERY_LARGE
-        return cls(tokenizer, bos_token=_token_text(settings.get("bos_token")),
-                   eos_token=_token_text(settings.get("eos_token")), pad_token=_token_text(settings.get("pad_token")),
-                   model_max_length=int(min(limit, _VERY_LARGE)), padding_side=settings.get("padding_side", "right"))
+        loaded = cls(tokenizer, bos_token=_token_text(settings.get("bos_token")),
+                     eos_token=_token_text(settings.get("eos_token")), pad_token=_token_text(settings.get("pad_token")),
+                     model_max_length=int(min(limit, _VERY_LARGE)), padding_side=settings.get("padding_side", "right"))
+        config = folder / "tokenizer_config.json"
+        loaded.init_kwargs = json.loads(config.read_text()) if config.is_file() else {}
+        return loaded
+
+    def save_pretrained(self, folder: str | Path, special_tokens_map: bool = False) -> list[str]:
+        """Write tokenizer.json and tokenizer_config.json (other keys of the config read are kept; the
+        added tokens live in tokenizer.json); `special_tokens_map` also writes special_tokens_map.json,
+        as the official checkpoints have it. Returns the files written."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tokenizer.save(str(folder / "tokenizer.json"))
+        config = {k: v for k, v in self.init_kwargs.items() if k != "added_tokens_decoder"}
+        config.update(self.special_tokens_map, padding_side=self.padding_side)
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        if self.model_max_length < _VERY_LARGE:
+            config["model_max_length"] = self.model_max_length
+        files = [folder / "tokenizer.json", folder / "tokenizer_config.json"]
+        files[1].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if special_tokens_map:
+            files.append(folder / "special_tokens_map.json")
+            files[2].write_text(json.dumps(self.special_tokens_map, indent=2, sort_keys=True) + "\n")
+        return [str(f) for f in files]
 
     # --------------------------------------------------------------- vocabulary
     def __len__(self) -> int:
@@ -101,6 +124,14 @@ class MllamaTokenizer:
     @property
     def all_special_ids(self) -> list[int]:
         return sorted(i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special)
+
+    def add_tokens(self, new_tokens: str | Sequence[str], special_tokens: bool = False) -> int:
+        """Add tokens to the vocabulary (after the existing ids); returns how many were new. Resize
+        the model's embeddings to `len(tokenizer)` afterwards."""
+        tokens = [new_tokens] if isinstance(new_tokens, str) else list(new_tokens)
+        if special_tokens:
+            return self._tokenizer.add_special_tokens(tokens)
+        return self._tokenizer.add_tokens(tokens)
 
     # --------------------------------------------------------------- encoding
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

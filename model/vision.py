@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import get_activation
 from .config import MllamaVisionConfig
 from .loading import MllamaPreTrainedModel
 from .outputs import BaseModelOutput
@@ -69,9 +70,10 @@ class MllamaVisionMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act_fn = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+        return self.fc2(self.act_fn(self.fc1(x)))
 
 
 class MllamaVisionAttention(nn.Module):

@@ -144,7 +144,7 @@ class PicturePool:
     def __init__(self, processor: MllamaImageProcessor, count: int, seed: int, parity: int) -> None:
         rng = random.Random(seed)
         self.samples = [synthetic.make_sample(rng, parity=parity) for _ in range(count)]
-        parts = [processor([[s.image] for s in self.samples[i:i + 64]]) for i in range(0, count, 64)]
+        parts = [processor([[s.image] for s in self.samples[i:i + 64]], return_tensors="pt") for i in range(0, count, 64)]
         self.pixel_values = torch.cat([p["pixel_values"].half() for p in parts])
         self.aspect_ratio_ids = torch.cat([p["aspect_ratio_ids"] for p in parts])
         self.aspect_ratio_mask = torch.cat([p["aspect_ratio_mask"] for p in parts])

@@ -88,11 +88,6 @@ def test_inconsistent_value_names_the_field(tmp_path):
         MllamaConfig.from_json_file(path)
 
 
-def test_cross_attention_layer_outside_the_model_is_refused():
-    with pytest.raises(ConfigError, match="cross_attention_layers: 40 is not a layer index"):
-        MllamaTextConfig(cross_attention_layers=[40])
-
-
 def test_another_model_type_is_refused(tmp_path):
     path = write(tmp_path, {"model_type": "llava"})
     with pytest.raises(ConfigError, match="model_type is 'llava', not 'mllama'"):
@@ -114,3 +109,9 @@ def test_semantics_is_validated_and_propagates():
 
 def test_vision_heads_key_falls_back_to_num_attention_heads():
     assert MllamaVisionConfig.from_dict({"num_attention_heads": 8, "hidden_size": 64, "vision_output_dim": 384}).attention_heads == 8
+
+
+def test_derived_key_is_checked_not_stored():
+    assert MllamaTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16).head_dim == 16
+    with pytest.raises(ConfigError, match="head_dim=8 does not agree"):
+        MllamaTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)

@@ -158,7 +158,7 @@ def test_cross_attention_spans_follow_the_spec_examples(tokens, spans):
 
 
 def test_cross_attention_mask_hides_padded_tiles_and_text_before_the_image(processor):
-    out = processor(text="Hi <|image|> there", images=picture(900, 500))  # a (1, 2) grid: 2 tiles
+    out = processor(text="Hi <|image|> there", images=picture(900, 500), return_tensors="pt")  # 2 tiles
     mask = out["cross_attention_mask"][0, :, 0]
     position = out["input_ids"][0].tolist().index(128256)
     assert mask[:position].sum() == 0, "text before the image must not see it"
@@ -170,7 +170,7 @@ def test_text_only_call_has_no_image_fields(processor):
 
 
 def test_batch_feature_moves_and_unpacks(processor):
-    out = processor(text="<|image|>Hi", images=picture(10, 10)).to("cpu")
+    out = processor(text="<|image|>Hi", images=picture(10, 10), return_tensors="pt").to("cpu")
     assert isinstance(out, BatchFeature)
     as_kwargs = (lambda **kw: kw)(**out)
     assert set(as_kwargs) == set(out.keys()) == {"input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids",
@@ -213,7 +213,7 @@ def test_truncation_that_drops_an_image_token_is_refused(processor):
 
 def test_unpadded_batch_of_different_lengths_asks_for_padding(processor):
     with pytest.raises(ValueError, match="padding=True"):
-        processor(text=["short", "a much longer text than the first one"])
+        processor(text=["short", "a much longer text than the first one"], return_tensors="pt")
 
 
 def test_unknown_message_role_is_refused(processor):
@@ -248,7 +248,7 @@ def test_batch_feature_survives_copy_and_pickle(processor):
     import copy
     import pickle
 
-    out = processor(text="Hello")
+    out = processor(text="Hello", return_tensors="pt")
     for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
         assert torch.equal(clone["input_ids"], out["input_ids"]) and torch.equal(clone.input_ids, out.input_ids)
 
