@@ -20,6 +20,9 @@ class Recording:
     @classmethod
     def asked(cls, config, output_hidden_states: bool | None, output_attentions: bool | None) -> "Recording | None":
         """A recording if either is asked (unset flags default to the config's, as in transformers)."""
+        if not isinstance(output_hidden_states, (bool, type(None))):
+            raise TypeError(f"output_hidden_states takes True or False, got {output_hidden_states!r}: to pick layers, "
+                            "index the returned hidden_states")
         hidden = getattr(config, "output_hidden_states", False) if output_hidden_states is None else output_hidden_states
         attentions = getattr(config, "output_attentions", False) if output_attentions is None else output_attentions
         return cls(bool(hidden), bool(attentions)) if hidden or attentions else None

@@ -348,3 +348,9 @@ def test_cache_given_twice_is_refused(pair):
         cache = pair.ours["full"](**inputs).cache
         with pytest.raises(ValueError, match="pass the cache once"):
             pair.ours["full"](**extend(inputs, torch.tensor([[5]])), cache=cache, past_key_values=cache)
+
+
+def test_hidden_state_selection_is_refused_with_a_way_out(pair):
+    inputs = make_inputs(pair.hf, [[]], length=4)
+    with torch.no_grad(), pytest.raises(TypeError, match="index the returned hidden_states"):
+        pair.ours["text"](**arguments("text", inputs), output_hidden_states=[0, 2])
