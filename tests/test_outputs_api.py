@@ -306,13 +306,16 @@ def test_returned_cache_feeds_the_next_forward_like_transformers(pair, case):
     assert_caches_match(got.cache, want.cache, rows, "prefill cache")
     for step, new in enumerate([torch.randint(3, 300, (batch, 1)), torch.randint(3, 300, (batch, 3))]):
         inputs_step = extend(inputs, new)
+        flags = dict(output_hidden_states=True, output_attentions=True)
         with torch.no_grad():
             # Both names of the argument, as transformers 5 takes both.
-            got = pair.ours["full"](**inputs_step, past_key_values=got.past_key_values)
-            want = pair.ref["full"](**inputs_step, cache=want.cache)
+            got = pair.ours["full"](**inputs_step, past_key_values=got.past_key_values, **flags)
+            want = pair.ref["full"](**inputs_step, cache=want.cache, **flags)
         assert type(got.cache).__name__ == "MllamaCache"
         err = relative_error(got.logits, want.logits)
         assert err < TOL, f"step {step}: relative error {err:.2e}"
+        assert_matches(got.hidden_states, want.hidden_states, None, f"step {step} hidden_states")
+        assert_matches(got.attentions, want.attentions, None, f"step {step} attentions")
         inputs = {**inputs, **inputs_step, "input_ids": torch.cat([inputs["input_ids"], new], dim=1)}
         rows = inputs["attention_mask"].bool()
         assert_caches_match(got.cache, want.cache, rows, f"cache after step {step}")
