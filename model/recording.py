@@ -36,7 +36,7 @@ class Recording:
         `last_hidden_state`, it replaces the last layer's output (transformers' convention for
         decoders, whose last hidden state is normalised)."""
         hidden = self.hidden_states
-        if hidden is not None and last_hidden_state is not None and hidden:
+        if hidden and last_hidden_state is not None:
             hidden = hidden[:-1] + [last_hidden_state]
         return {
             "hidden_states": None if hidden is None else tuple(hidden),
