@@ -8,8 +8,9 @@ transformers 5 calls the cache field `cache` and still answers to its old name
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 

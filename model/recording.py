@@ -18,7 +18,7 @@ class Recording:
         self.attentions: list[torch.Tensor] | None = [] if attentions else None
 
     @classmethod
-    def asked(cls, config, output_hidden_states: bool | None, output_attentions: bool | None) -> "Recording | None":
+    def asked(cls, config, output_hidden_states: bool | None, output_attentions: bool | None) -> Recording | None:
         """A recording if either is asked (unset flags default to the config's, as in transformers)."""
         if not isinstance(output_hidden_states, (bool, type(None))):
             raise TypeError(f"output_hidden_states takes True or False, got {output_hidden_states!r}: to pick layers, "

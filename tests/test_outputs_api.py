@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import (
+    IMAGE_TOKEN,
+    VARIANTS,
+    ImageSpec,
+    build_hf_model,
+    make_inputs,
+    relative_error,
+    save_hf,
+)
 
 from model import (
     MllamaForCausalLM,
@@ -18,7 +27,6 @@ from model import (
     MllamaTextModel,
     MllamaVisionModel,
 )
-from reference import IMAGE_TOKEN, VARIANTS, ImageSpec, build_hf_model, make_inputs, relative_error, save_hf
 
 TOL = 1e-4
 VISION_ARGS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
