@@ -269,7 +269,7 @@ def test_vision_intermediate_features_are_hidden_states(pair, semantics):
         assert torch.equal(feature, state)
 
 
-def test_meta_semantics_differs_only_where_documented(request, tmp_path_factory):
+def test_meta_semantics_differs_only_where_documented(tmp_path_factory):
     """Under Meta semantics, with every row seeing the picture, hidden states and attentions
     equal transformers' with the vision intermediate indices shifted by one (README, Semantics)."""
     from transformers import MllamaForConditionalGeneration as HFModel
