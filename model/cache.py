@@ -103,6 +103,21 @@ class MllamaCache:
     def get_seq_length(self) -> int:
         return max(self.host_lengths)
 
+    # --- reading K/V per layer, as transformers 5's DynamicCache offers it ---------------------
+
+    @property
+    def layers(self) -> list["CacheLayer"]:
+        """`cache.layers[i].keys` / `.values`: layer i's K/V (batch, kv_heads, seq, head_dim)."""
+        return [CacheLayer(self, i) for i in range(self.num_layers)]
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __iter__(self):
+        """(keys, values, None) per layer; the third item is DynamicCache's sliding window."""
+        for layer in self.layers:
+            yield layer.keys, layer.values, None
+
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor a decode step reads or writes (a CUDA graph replays against their addresses)."""
         out = [t for t in (*self.keys, *self.values, self.valid, self.lengths, self.cross_mask, self.cross_rows) if t is not None]
@@ -294,3 +309,26 @@ class MllamaCache:
         valid[:, : self.capacity] = self.valid
         self.valid = valid
         self.capacity = capacity
+
+
+class CacheLayer:
+    """A view of one layer of an eager cache. Self-attention layers: the positions filled so far,
+    padding included (masked when attending); cross-attention layers: the picture K/V
+    (batch, kv_heads, N*T*P, head_dim), None when no picture was seen."""
+
+    def __init__(self, cache: MllamaCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def _get(self, self_kv: list, cross_kv: dict) -> torch.Tensor | None:
+        if self.index in cross_kv:
+            return cross_kv[self.index]
+        buffer = self_kv[self.index]
+        return None if buffer is None else buffer[:, :, : self.cache.get_seq_length()]
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._get(self.cache.keys, self.cache.cross_keys)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._get(self.cache.values, self.cache.cross_values)

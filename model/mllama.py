@@ -14,7 +14,12 @@ from .cache import MllamaCache, prepare_cross_attention_mask
 from .config import MllamaConfig
 from .generation import GenerationMixin
 from .loading import MllamaPreTrainedModel
-from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from .outputs import (
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+    accepts_past_key_values,
+    returned,
+)
 from .text import MllamaForCausalLM, MllamaTextModel, causal_lm_loss
 from .vision import MllamaVisionModel, like_param
 
@@ -56,6 +61,7 @@ class MllamaModel(_VisionLanguageModel):
         ("language_model.model.", "language_model."),
     )
 
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -66,11 +72,15 @@ class MllamaModel(_VisionLanguageModel):
         cross_attention_mask: torch.Tensor | None = None,
         cross_attention_states: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: MllamaCache | None = None,
+        cache: MllamaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-    ) -> BaseModelOutputWithPast:
-        return _forward_multimodal(self, self.language_model, **_locals(locals()))
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MultimodalBaseModelOutputWithPast | tuple:
+        out = _forward_multimodal(self, self.language_model, **_locals(locals(), drop=("return_dict",)))
+        return returned(out, return_dict, self.config)
 
 
 class MllamaForConditionalGeneration(_VisionLanguageModel, GenerationMixin):
@@ -79,6 +89,7 @@ class MllamaForConditionalGeneration(_VisionLanguageModel, GenerationMixin):
     language_model_class = MllamaForCausalLM
     checkpoint_prefixes: ClassVar = (("", ""),)
 
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -89,17 +100,26 @@ class MllamaForConditionalGeneration(_VisionLanguageModel, GenerationMixin):
         cross_attention_mask: torch.Tensor | None = None,
         cross_attention_states: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: MllamaCache | None = None,
+        cache: MllamaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-    ) -> CausalLMOutputWithPast:
-        out = _forward_multimodal(self, self.language_model.model, **_locals(locals(), drop=("labels", "logits_to_keep")))
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MultimodalCausalLMOutputWithPast | tuple:
+        out = _forward_multimodal(
+            self, self.language_model.model, **_locals(locals(), drop=("labels", "logits_to_keep", "return_dict"))
+        )
         hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
         logits = self.language_model.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values, loss=loss)
+        result = MultimodalCausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+            attentions=out.attentions, image_outputs=out.image_outputs,
+        )
+        return returned(result, return_dict, self.config)
 
 
 def _locals(values: dict, drop: tuple[str, ...] = ()) -> dict:
@@ -118,22 +138,25 @@ def _forward_multimodal(
     cross_attention_mask,
     cross_attention_states,
     position_ids,
-    past_key_values,
+    cache,
     inputs_embeds,
     use_cache,
-) -> BaseModelOutputWithPast:
+    output_attentions,
+    output_hidden_states,
+) -> MultimodalBaseModelOutputWithPast:
     """Shared by MllamaModel and MllamaForConditionalGeneration: images -> cross states and
-    masks for the rows being processed, then the text model."""
+    masks for the rows being processed, then the text model. The vision tower's own output is
+    returned as `image_outputs` (its last hidden state only, as transformers does)."""
     config: MllamaConfig = owner.config
     if pixel_values is not None and cross_attention_states is not None:
         raise ValueError("Pass pixel_values or cross_attention_states, not both")
     use_cache = config.text_config.use_cache if use_cache is None else use_cache
     tokens = input_ids if input_ids is not None else inputs_embeds
     batch, q_len = tokens.shape[:2]
-    cache = past_key_values
     if cache is None and use_cache:
         cache = MllamaCache(len(text_model.layers), batch, q_len)
 
+    image_outputs = None
     if pixel_values is not None:
         if aspect_ratio_ids is None or aspect_ratio_mask is None:
             raise ValueError(
@@ -147,9 +170,9 @@ def _forward_multimodal(
             )
         if input_ids is not None:
             check_image_tokens(input_ids, aspect_ratio_ids, config.image_token_index)
-        features = owner.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state
+        image_outputs = owner.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask, return_dict=True)
         projector = owner.multi_modal_projector
-        states = projector(like_param(features, projector.weight))
+        states = projector(like_param(image_outputs.last_hidden_state, projector.weight))
         cross_attention_states = states.reshape(-1, states.shape[-2], states.shape[-1])  # (B*N*T, P, H)
 
     has_images = cross_attention_states is not None or (cache is not None and cache.runs_cross_layers(batch))
@@ -171,14 +194,21 @@ def _forward_multimodal(
             cache.set_cross_mask_row(cross_attention_mask[:, -1:], num_patches, dtype)
         cross_attention_mask, row_mask = prepare_cross_attention_mask(cross_attention_mask, num_patches, dtype)
 
-    return text_model(
+    out = text_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         cross_attention_states=cross_attention_states,
         cross_attention_mask=cross_attention_mask,
         full_text_row_masked_out_mask=row_mask,
-        past_key_values=cache,
+        cache=cache,
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        return_dict=True,
+    )
+    return MultimodalBaseModelOutputWithPast(
+        last_hidden_state=out.last_hidden_state, cache=out.cache, hidden_states=out.hidden_states,
+        attentions=out.attentions, image_outputs=image_outputs,
     )

@@ -16,7 +16,8 @@ from .cache import MllamaCache, causal_mask
 from .config import MllamaTextConfig
 from .generation import GenerationMixin
 from .loading import MllamaPreTrainedModel
-from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, accepts_past_key_values, returned
+from .recording import Recording, attend, record_hidden, recorded
 from .rotary import MllamaRotaryEmbedding, apply_rotary
 
 
@@ -73,7 +74,7 @@ class _Projections(nn.Module):
 
 class MllamaTextSelfAttention(_Projections):
 
-    def forward(self, x, mask, rope, cache: MllamaCache | None) -> torch.Tensor:
+    def forward(self, x, mask, rope, cache: MllamaCache | None, recording: Recording | None = None) -> torch.Tensor:
         q = _heads(self.q_proj(x), self.num_heads, self.head_dim)
         k = _heads(self.k_proj(x), self.num_key_value_heads, self.head_dim)
         v = _heads(self.v_proj(x), self.num_key_value_heads, self.head_dim)
@@ -81,9 +82,7 @@ class MllamaTextSelfAttention(_Projections):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # mask None means plain causal attention over the whole key range (no padding, no cache).
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=True
-        )
+        out = attend(q, k, v, mask, recording, is_causal=mask is None and q.shape[2] > 1)
         return self.o_proj(_merge_heads(out))
 
 
@@ -99,9 +98,9 @@ class MllamaTextCrossAttention(_Projections):
         v = self.v_proj(states).view(batch_size, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         return self.k_norm(k), v
 
-    def forward(self, x, keys, values, mask, row_mask) -> torch.Tensor:
+    def forward(self, x, keys, values, mask, row_mask, recording: Recording | None = None) -> torch.Tensor:
         q = self.q_norm(_heads(self.q_proj(x), self.num_heads, self.head_dim))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        out = attend(q, keys, values, mask, recording)
         if row_mask is not None:
             out = out * row_mask  # Meta: rows that see no image get nothing from the images
         return self.o_proj(_merge_heads(out))
@@ -115,8 +114,8 @@ class MllamaSelfAttentionDecoderLayer(nn.Module):
         self.input_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, mask, rope, cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache)
+    def forward(self, x, mask, rope, cache, recording: Recording | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache, recording)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -134,10 +133,10 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         self.post_attention_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, keys, values, mask, row_mask) -> torch.Tensor:
+    def forward(self, x, keys, values, mask, row_mask, recording: Recording | None = None) -> torch.Tensor:
         """row_mask (B, 1, q, 1): 1 where the text row sees at least one image tile."""
         attn_rows = row_mask if self.config.semantics == "meta" else None
-        attn = self.cross_attn(self.input_layernorm(x), keys, values, mask, attn_rows)
+        attn = self.cross_attn(self.input_layernorm(x), keys, values, mask, attn_rows, recording)
         x = x + self.cross_attn_attn_gate.tanh() * attn
         m = self.mlp(self.post_attention_layernorm(x))
         if row_mask is not None:
@@ -167,6 +166,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
         self.norm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = MllamaRotaryEmbedding(config)
 
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -175,19 +175,23 @@ class MllamaTextModel(MllamaPreTrainedModel):
         cross_attention_states: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
         full_text_row_masked_out_mask: torch.Tensor | None = None,
-        past_key_values: MllamaCache | None = None,
+        cache: MllamaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-    ) -> BaseModelOutputWithPast:
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
         """cross_attention_states: projected vision states (B*N*T, P, H);
         cross_attention_mask: prepared additive mask (B, 1, q, N*T*P); full_text_row_masked_out_mask:
-        (B, 1, q, 1). `MllamaModel` prepares both from the processor's (B, L, N, T) mask."""
+        (B, 1, q, 1). `MllamaModel` prepares both from the processor's (B, L, N, T) mask.
+        hidden_states: the embeddings, then the output of each layer that ran (cross-attention
+        layers do not run without pictures), the last one normalised."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, q_len = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values
         if cache is None and use_cache:
             cache = MllamaCache(len(self.layers), batch, q_len)
         if cache is not None:
@@ -207,24 +211,29 @@ class MllamaTextModel(MllamaPreTrainedModel):
             # Never without row masks: a row without a picture must pass these layers unchanged.
             cross_attention_mask, full_text_row_masked_out_mask = cache.cross_masks(batch)
 
+        recording = Recording.asked(self.config, output_hidden_states, output_attentions)
+        record_hidden(recording, x)
         for layer in self.layers:
             if isinstance(layer, MllamaSelfAttentionDecoderLayer):
-                x = layer(x, mask, rope, cache)
-                continue
-            i = layer.layer_idx
-            if cross_attention_states is not None:
-                keys, values = layer.cross_attn.project_states(cross_attention_states, batch)
-                if cache is not None:
-                    cache.store_cross(i, keys, values)
-            elif cached_pictures:
-                keys, values = cache.cross_keys[i][:batch], cache.cross_values[i][:batch]
+                x = layer(x, mask, rope, cache, recording)
             else:
-                continue
-            x = layer(x, keys, values, cross_attention_mask, full_text_row_masked_out_mask)
+                i = layer.layer_idx
+                if cross_attention_states is not None:
+                    keys, values = layer.cross_attn.project_states(cross_attention_states, batch)
+                    if cache is not None:
+                        cache.store_cross(i, keys, values)
+                elif cached_pictures:
+                    keys, values = cache.cross_keys[i][:batch], cache.cross_values[i][:batch]
+                else:
+                    continue
+                x = layer(x, keys, values, cross_attention_mask, full_text_row_masked_out_mask, recording)
+            record_hidden(recording, x)
 
         if cache is not None:
             cache.end(batch, q_len)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache if use_cache else None)
+        x = self.norm(x)
+        out = BaseModelOutputWithPast(last_hidden_state=x, cache=cache if use_cache else None, **recorded(recording, x))
+        return returned(out, return_dict, self.config)
 
 
 class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
@@ -245,6 +254,7 @@ class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
         self.model = MllamaTextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -253,12 +263,15 @@ class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
         cross_attention_states: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
         full_text_row_masked_out_mask: torch.Tensor | None = None,
-        past_key_values: MllamaCache | None = None,
+        cache: MllamaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-    ) -> CausalLMOutputWithPast:
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -266,14 +279,19 @@ class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
             cross_attention_states=cross_attention_states,
             cross_attention_mask=cross_attention_mask,
             full_text_row_masked_out_mask=full_text_row_masked_out_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
         logits = self.lm_head(hidden).float()
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values, loss=loss)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
+        return returned(result, return_dict, self.config)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from torch import nn
 from .activations import get_activation
 from .config import MllamaVisionConfig
 from .loading import MllamaPreTrainedModel
-from .outputs import BaseModelOutput
+from .outputs import BaseModelOutput, returned
+from .recording import Recording, attend, record_hidden, recorded
 
 
 def like_param(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -87,13 +88,13 @@ class MllamaVisionAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, recording: Recording | None = None) -> torch.Tensor:
         b, length, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask)
+        out = attend(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask, recording)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
@@ -111,8 +112,8 @@ class MllamaVisionEncoderLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.ones(1) * math.pi / 4)
             self.gate_ffn = nn.Parameter(torch.ones(1) * math.pi / 4)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, recording: Recording | None = None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), mask, recording)
         x = x + (self.gate_attn.tanh() * h if self.is_gated else h)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + (self.gate_ffn.tanh() * h if self.is_gated else h)
@@ -123,16 +124,20 @@ class MllamaVisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, is_gated) for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, record: tuple[int, ...] = ()) -> tuple[torch.Tensor, list]:
-        """Run all layers; also return the *input* of each layer listed in `record`, in that
-        order (index len(layers) means the encoder's output)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: tuple[int, ...] = (),
+                recording: Recording | None = None) -> tuple[torch.Tensor, list]:
+        """Run all layers; also return the *input* of each layer listed in `keep`, in that
+        order (index len(layers) means the encoder's output). `recording` gets the encoder's
+        input and each layer's output."""
         states = {}
+        record_hidden(recording, x)
         for i, layer in enumerate(self.layers):
-            if i in record:
+            if i in keep:
                 states[i] = x
-            x = layer(x, mask)
+            x = layer(x, mask, recording)
+            record_hidden(recording, x)
         states[len(self.layers)] = x
-        return x, [states[i] for i in record]
+        return x, [states[i] for i in keep]
 
 
 def tile_attention_mask(aspect_ratio_mask: torch.Tensor, num_patches: int, padded: int, dtype: torch.dtype) -> torch.Tensor:
@@ -174,8 +179,17 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         return tuple(indices) if self.config.semantics == "meta" else tuple(i + 1 for i in indices)
 
     def forward(
-        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
-    ) -> BaseModelOutput:
+        self,
+        pixel_values: torch.Tensor,
+        aspect_ratio_ids: torch.Tensor,
+        aspect_ratio_mask: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple:
+        """hidden_states: the input of the local encoder and the output of each of its layers,
+        then the same for the global encoder, each (B*N, T*P8, D) as the encoders see them;
+        attentions: one (B*N, heads, T*P8, T*P8) per layer, local then global."""
         if aspect_ratio_ids is None or aspect_ratio_mask is None:
             raise ValueError(
                 "pixel_values need aspect_ratio_ids and aspect_ratio_mask; pass all the image fields the "
@@ -196,14 +210,15 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         x = F.pad(x, (0, 0, 0, padded - p))
         mask = tile_attention_mask(aspect_ratio_mask.reshape(m, t).to(x.device), p, padded, x.dtype)
 
-        record = self.recorded_layers()
-        x, recorded = self.transformer(x.reshape(m, t * padded, d), mask, record)
+        recording = Recording.asked(self.config, output_hidden_states, output_attentions)
+        x, kept = self.transformer(x.reshape(m, t * padded, d), mask, self.recorded_layers(), recording)
         x = self.layernorm_post(x)
         x = self.post_tile_positional_embedding(x.reshape(m, t, padded, d), ids)
-        x, _ = self.global_transformer(x.reshape(m, t * padded, d), mask)
+        x, _ = self.global_transformer(x.reshape(m, t * padded, d), mask, recording=recording)
 
         x = x.reshape(m, t, padded, d)[:, :, :p]
         # Intermediate features interleave: feature j of recorded layer k sits at j*K + k.
-        inter = torch.stack(recorded, dim=-1).reshape(m, t, padded, -1)[:, :, :p]
+        inter = torch.stack(kept, dim=-1).reshape(m, t, padded, -1)[:, :, :p]
         out = torch.cat([x, inter], dim=-1)
-        return BaseModelOutput(last_hidden_state=out.reshape(b, n, t, p, -1))
+        result = BaseModelOutput(last_hidden_state=out.reshape(b, n, t, p, -1), **recorded(recording))
+        return returned(result, return_dict, self.config)
