@@ -75,6 +75,7 @@ class EngineInfo:
     context_tokens: int
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     has_chat_template: bool = True
+    quantization: str | None = None  # "int8" / "int4" weights in the text decoder
 
 
 def describe_tiling(image, tile_size: int, max_tiles: int) -> ImageInfo:
@@ -168,18 +169,21 @@ class ChatEngine:
             context_tokens=self.context_tokens,
             defaults=_defaults(generation_config),
             has_chat_template=bool(getattr(processor, "chat_template", None)),
+            quantization=getattr(model, "quantization", None),
         )
 
     @classmethod
     def load(cls, model: str, *, dtype: str | torch.dtype = "auto", device_map: Any = None,
              max_batch: int = 8, queue_size: int = 32, context_tokens: int = 4096,
-             compile: bool = False) -> "ChatEngine":
-        """Load a checkpoint folder or hub id (blocking; progress goes to the log)."""
+             compile: bool = False, quantization: str | None = None) -> "ChatEngine":
+        """Load a checkpoint folder or hub id (blocking; progress goes to the log). `quantization`:
+        None, "int8" or "int4" (see MllamaPreTrainedModel.from_pretrained)."""
         start = time.perf_counter()
         folder = resolve_checkpoint(model, allow_patterns=CHECKPOINT_FILES)
         log.info("loading %s", model)
         processor = MllamaProcessor.from_pretrained(folder)
-        network = MllamaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device_map)
+        network = MllamaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device_map,
+                                                                 quantization=quantization)
         generation_config = _read_json(os.path.join(folder, "generation_config.json"))
         engine = cls(network, processor, model, max_batch=max_batch, queue_size=queue_size,
                      context_tokens=context_tokens, generation_config=generation_config, compile=compile)
