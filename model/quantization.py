@@ -175,3 +175,17 @@ def quiet_torchao_import() -> None:
         ) from None
     finally:
         logger.setLevel(level)
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes the module's parameters and buffers take where they lie (see `tensor_bytes`)."""
+    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """What a tensor really stores: for a quantized one its packed data, scales and zero points,
+    not its logical shape."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
