@@ -279,3 +279,52 @@ def test_tiny_model_in_int8_keeps_its_behaviour_accuracy(tiny_int8, task, bar):
     samples = [synthetic.make_sample(rng, parity=1) for _ in range(200)]
     score, wrong = accuracy(tiny_int8, samples, task)
     assert score >= bar, f"int8 {task}: {score:.1%} right on 200 fresh pictures (bar {bar:.0%}); wrong: {wrong[:10]}"
+
+
+# --- the engine and the app -----------------------------------------------------------------------
+
+def test_fixed_shape_engine_on_a_quantized_model_answers_like_generate_alone(tmp_path, caplog):
+    """The engine's compiled, fixed-shape decode over int8 weights gives, for every conversation,
+    what generate() alone gives on the same quantized model."""
+    from engine_checkpoint import write_engine_checkpoint
+    from serving_oracle import Oracle
+    from test_engine import check_mix
+
+    from serving import ChatEngine
+
+    engine = ChatEngine.load(str(write_engine_checkpoint(tmp_path)), max_batch=1, queue_size=32, context_tokens=256,
+                             compile=True, quantization="int8")
+    try:
+        assert engine.runner.static and engine.info.quantization == "int8"
+        with caplog.at_level("WARNING"):
+            check_mix(engine, Oracle(engine.model, engine.processor), seed=3, count=3)
+        assert not [r for r in caplog.records if "compile failed" in r.getMessage()], "decoding fell back to eager"
+    finally:
+        engine.close()
+
+
+def test_quantize_flag_and_variable_choose_the_weights():
+    from app.config import FlagError, parse_config
+
+    assert parse_config(["--model", "x/y"], {}).quantize is None
+    assert parse_config(["--model", "x/y", "--quantize", "int4"], {}).quantize == "int4"
+    assert parse_config(["--model", "x/y"], {"MLLAMA_QUANTIZE": "int8"}).quantize == "int8"
+    with pytest.raises(FlagError, match="use int8 or int4"):
+        parse_config(["--model", "x/y", "--quantize", "8bit"], {})
+
+
+def test_the_page_header_says_the_model_runs_quantized():
+    from test_tiny_model import ASSET
+
+    from app.config import parse_config
+    from app.ui import build_demo
+    from serving import ChatEngine
+
+    engine = ChatEngine.load(str(ASSET), max_batch=1, queue_size=1, context_tokens=256, quantization="int8")
+    try:
+        demo = build_demo(engine, parse_config(["--model", str(ASSET), "--quantize", "int8"], {}))
+        headers = [b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) is None
+                   and isinstance(getattr(b, "value", None), str) and b.value.startswith("# Llama 3.2 Vision chat")]
+        assert headers and headers[0].endswith("· int8 weights"), headers
+    finally:
+        engine.close()
