@@ -160,13 +160,13 @@ def check_not_prequantized(config: dict, infos: dict[str, TensorInfo], folder: s
 
 
 def quiet_torchao_import() -> None:
-    """Import torchao once with its warnings about optional CUDA extensions silenced: a CPU build
-    of torch cannot load them, and nothing here uses them."""
+    """Import torchao once with its warnings about optional extensions (CUDA kernels a CPU build
+    of torch cannot load, Triton) silenced: nothing here uses them."""
     logger = logging.getLogger("torchao")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        import torchao  # noqa: F401
+        import torchao.quantization  # noqa: F401
     except ImportError:
         raise QuantizationError(
             "quantization needs the torchao package: pip install -r requirements.txt (or pip install torchao)"
