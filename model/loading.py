@@ -133,13 +133,11 @@ class MllamaPreTrainedModel(nn.Module):
         mapping = map_keys(list(infos), cls.checkpoint_prefixes)
         _check_keys(model, mapping, infos, folder)
         quantized = quant.quantized_weight_names(model) if quantization else []
-        if quantization:
-            quant.quiet_torchao_import()
-        planning = quant.planning_dtypes(quantized, quantization) if quantization else None
-        device_map = resolve_device_map(model, device_map, max_memory, target_dtype, planning)
+        device_map = resolve_device_map(model, device_map, max_memory, target_dtype,
+                                        quant.planning_dtypes(quantized, quantization))
         if quantization:
             devices = {name: _device_or_disk(device_of(name, device_map)) for name in quantized}
-            quant.check_supported(quantization, model, quantized, devices, target_dtype)
+            quant.check_supported(quantization, model, devices, target_dtype)
         if "disk" in device_map.values():
             if offload_folder is None:
                 disk = [repr(name) if name else "the whole model" for name, d in device_map.items() if d == "disk"]

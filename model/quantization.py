@@ -52,19 +52,20 @@ def quantized_weight_names(model: nn.Module) -> list[str]:
     return names
 
 
-def planning_dtypes(names: list[str], quantization: str) -> dict[str, Any]:
+def planning_dtypes(names: list[str], quantization: str | None) -> dict[str, Any] | None:
     """{weight name: dtype} for accelerate's device_map planning: the quantized size, not the
-    checkpoint's (int4 counts half a byte; its group scales add ~3%)."""
+    checkpoint's (int4 counts half a byte; its group scales add ~3%). None without quantization."""
+    if quantization is None:
+        return None
     from accelerate.utils.dataclasses import CustomDtype
 
     return dict.fromkeys(names, torch.int8 if quantization == "int8" else CustomDtype.INT4)
 
 
-def check_supported(
-    quantization: str, model: nn.Module, names: list[str], devices: dict[str, Any], dtype: torch.dtype
-) -> None:
-    """Refuse, before any weight is read, what torchao cannot run. `devices`: {weight name: device}
-    (a torch.device, or "disk"); the model is on the meta device (shapes only)."""
+def check_supported(quantization: str, model: nn.Module, devices: dict[str, Any], dtype: torch.dtype) -> None:
+    """Refuse, before any weight is read, what torchao cannot run (and import torchao). `devices`:
+    {name of a weight to quantize: its torch.device, or "disk"}; the model may be on the meta device."""
+    quiet_torchao_import()
     if dtype not in _FLOAT_DTYPES:
         raise QuantizationError(
             f"quantization={quantization!r} works on bfloat16, float16 or float32 weights, not {dtype}: pass "
@@ -93,7 +94,7 @@ def check_supported(
             raise QuantizationError(
                 f"quantization='int4' runs on CUDA GPUs and on the CPU, not on {device.type}: use "
                 "quantization='int8' there")
-    for name in names:
+    for name in devices:
         out_features, in_features = model.get_parameter(name).shape
         if _int4_group_size(in_features) is None:
             raise QuantizationError(

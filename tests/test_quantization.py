@@ -203,8 +203,8 @@ def test_int4_on_a_device_torchao_has_no_int4_kernel_for_says_what_to_use(qualit
         model = MllamaForConditionalGeneration(_config(folder))
     names = quantized_weight_names(model)
     with pytest.raises(QuantizationError, match="not on mps: use quantization='int8'"):
-        check_supported("int4", model, names, dict.fromkeys(names, torch.device("mps")), torch.float16)
-    check_supported("int8", model, names, dict.fromkeys(names, torch.device("mps")), torch.float16)
+        check_supported("int4", model, dict.fromkeys(names, torch.device("mps")), torch.float16)
+    check_supported("int8", model, dict.fromkeys(names, torch.device("mps")), torch.float16)
 
 
 def _config(folder):
