@@ -181,9 +181,10 @@ def test_quantized_weights_offloaded_to_disk_are_refused(quality_checkpoints, tm
             offload_folder=tmp_path)
 
 
-def test_compiled_decode_of_a_quantized_model_gives_the_eager_tokens(quality_checkpoints, caplog):
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_compiled_decode_of_a_quantized_model_gives_the_eager_tokens(quality_checkpoints, caplog, quantization):
     folder, prompts = quality_checkpoints["base"]
-    model = MllamaForConditionalGeneration.from_pretrained(folder, quantization="int8")
+    model = MllamaForConditionalGeneration.from_pretrained(folder, quantization=quantization)
     with caplog.at_level("WARNING"):
         for inputs in prompts.values():
             kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=[])
