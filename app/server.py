@@ -70,13 +70,15 @@ def load_engine(config: AppConfig) -> Engine | None:
     from serving import ChatEngine
 
     print(f"Loading {config.model} (dtype {config.dtype}, device map {config.device_map}"
-          f"{', compiled decoding' if config.compile else ''}) ...",
+          f"{', compiled decoding' if config.compile else ''}"
+          f"{f', {config.quantize} weights' if config.quantize else ''}) ...",
           flush=True)
     start = time.perf_counter()
     try:
         engine = ChatEngine.load(model=config.model, dtype=config.dtype, device_map=config.device_map,
                                  max_batch=config.max_batch, queue_size=config.queue_size,
-                                 context_tokens=config.context_tokens, compile=config.compile)
+                                 context_tokens=config.context_tokens, compile=config.compile,
+                                 quantization=config.quantize)
     except Exception as error:  # noqa: BLE001 - any load failure ends the app with its message
         print(f"\nCould not load the model {config.model!r}:\n  {error}\n\n"
               "Pass a checkpoint folder or a Hub id with --model (or MLLAMA_MODEL); "

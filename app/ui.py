@@ -42,7 +42,7 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
         # ---- the page -------------------------------------------------------------------------
         with gr.Row(elem_id="header"):
             gr.Markdown(f"# Llama 3.2 Vision chat\n`{model_name(info.model_id)}` · ask about a picture, "
-                        "or just chat")
+                        "or just chat" + (f" · {info.quantization} weights" if info.quantization else ""))
         if not config.backend and Path(config.model).resolve() == TINY_MODEL.resolve():  # only a demo
             gr.Markdown(DEMO_NOTE, elem_id="demo-note")
 

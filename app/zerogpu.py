@@ -25,6 +25,11 @@ def load_zerogpu_engine(config: AppConfig, gpu: GpuDecorator | None = None,
                   "missing: add `spaces` to requirements.txt.", file=sys.stderr)
             return None
         gpu = spaces.GPU
+    if config.quantize:
+        # The GPU a ZeroGPU call gets holds the 11B in bfloat16; int8/int4 weights would only cost quality.
+        print(f"\nMLLAMA_QUANTIZE={config.quantize} is not used on ZeroGPU, whose GPUs hold the model in "
+              "bfloat16: remove it from the Space's variables.", file=sys.stderr)
+        return None
     from serving.zerogpu import ZeroGPUEngine
 
     print(f"Loading {config.model} (dtype {config.dtype}) for ZeroGPU: a GPU is attached to each answer"

@@ -57,9 +57,11 @@ def _check_gpu(index: int) -> None:
 
 
 def resolve_device_map(
-    model: nn.Module, device_map: Any, max_memory: dict | None, dtype: torch.dtype
+    model: nn.Module, device_map: Any, max_memory: dict | None, dtype: torch.dtype,
+    special_dtypes: dict[str, Any] | None = None,
 ) -> dict[str, Device]:
-    """{module or tensor name: device} for a model on the meta device whose weights will be `dtype`."""
+    """{module or tensor name: device} for a model on the meta device whose weights will be `dtype`
+    (`special_dtypes`: {tensor name: dtype} for those that will not, e.g. quantized ones)."""
     if device_map is None:
         return {"": "cpu"}
     if isinstance(device_map, dict):
@@ -67,8 +69,10 @@ def resolve_device_map(
     if device_map in STRATEGIES:
         no_split = list(model._no_split_modules)
         if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=no_split, dtype=dtype)
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                             special_dtypes=special_dtypes)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                           special_dtypes=special_dtypes)
         return _resident_loose_tensors(model, dict(device_map))
     return {"": parse_device(device_map)}
 

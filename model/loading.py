@@ -21,6 +21,7 @@ from accelerate.utils import offload_weight, save_offload_index, set_module_tens
 from safetensors import safe_open
 from torch import nn
 
+from . import quantization as quant
 from .checkpoint import (
     CheckpointError,
     TensorInfo,
@@ -58,6 +59,7 @@ class MllamaPreTrainedModel(EmbeddingsMixin, nn.Module):
     # not ours (e.g. vision weights when loading only the text model) and are skipped. A catch-all
     # ("", "") pair only applies to a checkpoint that no other pair matches (the class's own export).
     checkpoint_prefixes: ClassVar[tuple[tuple[str, str], ...]] = (("", ""),)
+    quantization: str | None = None  # "int8" / "int4" when from_pretrained quantized the text decoder
     _no_split_modules: ClassVar[list[str]] = [
         "MllamaVisionEncoderLayer",
         "MllamaSelfAttentionDecoderLayer",
@@ -88,6 +90,7 @@ class MllamaPreTrainedModel(EmbeddingsMixin, nn.Module):
         semantics: str | None = None,
         config: Any = None,
         torch_dtype: str | torch.dtype | None = None,
+        quantization: str | None = None,
     ) -> "MllamaPreTrainedModel":
         """Load a checkpoint folder or Hub id, ready for inference (eval mode, no gradients).
 
@@ -97,6 +100,9 @@ class MllamaPreTrainedModel(EmbeddingsMixin, nn.Module):
         offload_folder: where "disk" weights go. semantics: "meta" or "transformers", overrides the
         config's (see config.SEMANTICS). config: use this config instead of the checkpoint's config.json.
         torch_dtype: the older name of `dtype`, still used by the reference's examples.
+        quantization: None, "int8" or "int4": the text decoder's linear layers get weight-only int8
+        (per output channel) or int4 (per group of 128) weights, quantized as they are read (see
+        model/quantization.py); the rest keeps `dtype`.
         """
         if torch_dtype is not None:
             if dtype != "auto":
@@ -104,6 +110,7 @@ class MllamaPreTrainedModel(EmbeddingsMixin, nn.Module):
             dtype = torch_dtype
         target_dtype = None if dtype == "auto" else _parse_dtype(dtype, "dtype")
         check_device_map_arg(device_map)
+        quant.check_quantization_arg(quantization)
         if max_memory is not None and device_map not in STRATEGIES:
             raise ValueError(f"max_memory only applies with device_map in {STRATEGIES}, got device_map={device_map!r}")
         if semantics is not None and semantics not in SEMANTICS:
@@ -118,13 +125,20 @@ class MllamaPreTrainedModel(EmbeddingsMixin, nn.Module):
         if semantics is not None:
             config.semantics = semantics
         infos = read_headers(find_weight_files(folder))
+        config_file = os.path.join(folder, "config.json")
+        quant.check_not_prequantized(_read_json(config_file) if os.path.isfile(config_file) else {}, infos, folder)
         target_dtype = target_dtype or _auto_dtype(folder, infos)
 
         with init_empty_weights():  # parameters on the meta device; buffers (rotary) computed for real
             model = cls(config)
         mapping = map_keys(list(infos), cls.checkpoint_prefixes)
         _check_keys(model, mapping, infos, folder)
-        device_map = resolve_device_map(model, device_map, max_memory, target_dtype)
+        quantized = quant.quantized_weight_names(model) if quantization else []
+        device_map = resolve_device_map(model, device_map, max_memory, target_dtype,
+                                        quant.planning_dtypes(quantized, quantization))
+        if quantization:
+            devices = {name: _device_or_disk(device_of(name, device_map)) for name in quantized}
+            quant.check_supported(quantization, model, devices, target_dtype)
         if "disk" in device_map.values():
             if offload_folder is None:
                 disk = [repr(name) if name else "the whole model" for name, d in device_map.items() if d == "disk"]
@@ -133,8 +147,10 @@ class MllamaPreTrainedModel(EmbeddingsMixin, nn.Module):
                     "(or give more max_memory)"
                 )
             os.makedirs(offload_folder, exist_ok=True)
-        _load_weights(model, mapping, infos, device_map, target_dtype, offload_folder)
+        _load_weights(model, mapping, infos, device_map, target_dtype, offload_folder,
+                      dict.fromkeys(quantized, quantization))
         _place(model, device_map, offload_folder)
+        model.quantization = quantization
         generation_file = os.path.join(folder, "generation_config.json")
         if hasattr(model, "generation_config") and os.path.isfile(generation_file):
             model.generation_config = _read_json(generation_file)  # generate()'s defaults (eos ids, sampling)
@@ -145,6 +161,11 @@ class MllamaPreTrainedModel(EmbeddingsMixin, nn.Module):
     def save_pretrained(self, folder: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
         """Write config.json, generation_config.json (if loaded with one) and model.safetensors (or
         shards of at most `max_shard_size` + index), in the Hub layout, which transformers loads too."""
+        if self.quantization:
+            raise ValueError(
+                f"cannot save a model loaded with quantization={self.quantization!r}: save the original checkpoint "
+                "instead (loading quantizes it again in seconds)"
+            )
         state = self.state_dict()
         offloaded = [k for k, t in state.items() if t.device.type == "meta"]
         if offloaded:
@@ -255,9 +276,12 @@ def _load_weights(
     device_map: dict[str, Device],
     dtype: torch.dtype,
     offload_folder: str | os.PathLike | None,
+    quantize: dict[str, str],
 ) -> None:
     """Read each mapped tensor once, shard by shard, cast it and put it on its device or on disk.
-    A few threads read, copy and cast (torch releases the GIL), at most a few tensors ahead."""
+    A few threads read, copy and cast (torch releases the GIL), at most a few tensors ahead.
+    `quantize`: {parameter name: "int8" | "int4"}, quantized on their device by the reading thread,
+    so that at most one full-precision copy per thread exists at a time."""
     offload_index: dict = {}
 
     def read(f, key: str) -> tuple[Device, torch.Tensor]:
@@ -265,10 +289,17 @@ def _load_weights(
         tensor = f.get_tensor(key)
         if device != "disk":
             tensor = tensor.to(torch_device(device))  # cast on the device: host memory holds the original only
-        return device, tensor.to(dtype) if tensor.is_floating_point() else tensor
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        if mapping[key] in quantize:
+            tensor = quant.quantize_weight(tensor, quantize[mapping[key]])
+        return device, tensor
 
     def place(key: str, device: Device, tensor: torch.Tensor) -> None:
         name = mapping[key]
+        if name in quantize:  # a torchao tensor subclass: the module takes it as it is
+            module, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(module), attribute, tensor)
+            return
         if device == "disk":
             offload_weight(tensor, name, offload_folder, offload_index)
             tensor = torch.empty_like(tensor, device="meta")  # keeps the dtype visible on the module
@@ -289,6 +320,10 @@ def _load_weights(
                     place(key_done, *future.result())
     if offload_index:
         save_offload_index(offload_index, offload_folder)
+
+
+def _device_or_disk(device: Device) -> torch.device | str:
+    return device if device == "disk" else torch_device(device)
 
 
 def _place(model: nn.Module, device_map: dict[str, Device], offload_folder: str | os.PathLike | None) -> None:

@@ -75,6 +75,7 @@ class EngineInfo:
     context_tokens: int
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     has_chat_template: bool = True
+    quantization: str | None = None  # "int8" / "int4" weights in the text decoder
 
 
 def describe_tiling(image, tile_size: int, max_tiles: int) -> ImageInfo:
@@ -231,15 +232,17 @@ class ChatEngine:
             log.info("decode steps for %s request(s) at once compiled in %.1f s", self.runner.buckets(),
                      time.perf_counter() - started)
         self.scheduler = Scheduler(self.runner, max_batch, queue_size)
-        self.info = local_engine_info(processor, model_id, self.context_tokens, generation_config)
+        self.info = local_engine_info(model, processor, model_id, self.context_tokens, generation_config)
 
     @classmethod
     def load(cls, model: str, *, dtype: str | torch.dtype = "auto", device_map: Any = None,
              max_batch: int = 8, queue_size: int = 32, context_tokens: int = 4096,
-             compile: bool = False) -> "ChatEngine":
-        """Load a checkpoint folder or hub id (blocking; progress goes to the log)."""
+             compile: bool = False, quantization: str | None = None) -> "ChatEngine":
+        """Load a checkpoint folder or hub id (blocking; progress goes to the log). `quantization`:
+        None, "int8" or "int4" (see MllamaPreTrainedModel.from_pretrained)."""
         start = time.perf_counter()
-        network, processor, generation_config = load_checkpoint(model, dtype=dtype, device_map=device_map)
+        network, processor, generation_config = load_checkpoint(model, dtype=dtype, device_map=device_map,
+                                                                quantization=quantization)
         engine = cls(network, processor, model, max_batch=max_batch, queue_size=queue_size,
                      context_tokens=context_tokens, generation_config=generation_config, compile=compile)
         log.info("loaded %s in %.1f s", model, time.perf_counter() - start)
@@ -263,13 +266,14 @@ class ChatEngine:
         self.scheduler.close()
 
 
-def load_checkpoint(model: str, *, dtype: str | torch.dtype = "auto",
-                    device_map: Any = None) -> tuple[MllamaForConditionalGeneration, MllamaProcessor, dict]:
+def load_checkpoint(model: str, *, dtype: str | torch.dtype = "auto", device_map: Any = None,
+                    quantization: str | None = None) -> tuple[MllamaForConditionalGeneration, MllamaProcessor, dict]:
     """The network, the processor and the generation_config.json of a checkpoint folder or hub id."""
     folder = resolve_checkpoint(model, allow_patterns=CHECKPOINT_FILES)
     log.info("loading %s", model)
     processor = MllamaProcessor.from_pretrained(folder)
-    network = MllamaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device_map)
+    network = MllamaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device_map,
+                                                             quantization=quantization)
     return network, processor, _read_json(os.path.join(folder, "generation_config.json"))
 
 
@@ -278,7 +282,7 @@ def stop_tokens(model, generation_config: dict) -> frozenset[int]:
     return frozenset(_as_list(generation_config.get("eos_token_id", model.config.text_config.eos_token_id)))
 
 
-def local_engine_info(processor: MllamaProcessor, model_id: str, context_tokens: int,
+def local_engine_info(model, processor: MllamaProcessor, model_id: str, context_tokens: int,
                       generation_config: dict) -> EngineInfo:
     """What the app shows and defaults to for a model served here."""
     image = processor.image_processor
@@ -289,6 +293,7 @@ def local_engine_info(processor: MllamaProcessor, model_id: str, context_tokens:
         context_tokens=context_tokens,
         defaults=_defaults(generation_config),
         has_chat_template=bool(getattr(processor, "chat_template", None)),
+        quantization=getattr(model, "quantization", None),
     )
 
 

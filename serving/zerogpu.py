@@ -157,7 +157,7 @@ class ZeroGPUEngine:
         self.context_tokens = min(context_tokens, model.config.text_config.max_position_embeddings)
         self.requests = RequestReader(processor, self.eos, self.context_tokens)
         self.gpu_time = gpu_time
-        self.info = local_engine_info(processor, model_id, self.context_tokens, generation_config)
+        self.info = local_engine_info(model, processor, model_id, self.context_tokens, generation_config)
         # Decorated here, before the app launches: ZeroGPU looks for its GPU functions at start-up.
         self._gpu_call = gpu(self._run_on_gpu, duration=gpu_time.seconds)
         self._lock = threading.Lock()

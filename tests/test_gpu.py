@@ -74,3 +74,23 @@ def test_the_graphed_engine_answers_like_generate_alone(tmp_path):
         assert all(isinstance(g, DecodeGraph) for g in graphed.runner.cache.decode_graphs.values())
     finally:
         graphed.close()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_weights_on_the_gpu_stay_close_and_graph_like_eager(tmp_path, quantization):
+    """torchao's CUDA kernels (int4: tinygemm, bfloat16): logits within the CPU-measured bounds of
+    the same weights unquantized, and compiled, graphed decoding gives the eager tokens."""
+    from quantization_quality import measure, write_checkpoint
+    from test_quantization import MAX_LOGITS_ERROR
+
+    folder, prompts = write_checkpoint("wide_128", seed=0, folder=tmp_path)
+    options = dict(dtype=torch.bfloat16, device_map="cuda")
+    reference = MllamaForConditionalGeneration.from_pretrained(folder, **options)
+    quantized = MllamaForConditionalGeneration.from_pretrained(folder, quantization=quantization, **options)
+    for kind, inputs in prompts.items():
+        inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in on_gpu(inputs).items()}
+        quality = measure(reference, quantized, inputs)
+        assert quality.logits_error <= MAX_LOGITS_ERROR[quantization], f"{kind}: {quality}"
+        eager = quantized.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=[], compile=False)
+        graphed = quantized.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=[], compile=True)
+        assert torch.equal(graphed, eager), f"{kind}: first difference at {(graphed != eager).nonzero()[:1].tolist()}"

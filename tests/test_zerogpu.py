@@ -360,3 +360,11 @@ def test_ask_with_an_unreadable_picture_says_so_without_asking_for_a_gpu(zerogpu
     with pytest.raises(AppError, match="not an image|could not be decoded"):
         client.predict(handle_file(str(broken)), "what color", NEW, 0, 1.0, None, api_name="/ask")
     assert len(zerogpu.calls) == before
+
+
+def test_quantized_weights_are_refused_on_zerogpu_with_what_to_do(folder, zerogpu, capsys):
+    from app.zerogpu import load_zerogpu_engine
+
+    config = AppConfig(model=str(folder), quantize="int8", zero_gpu=True)
+    assert load_zerogpu_engine(config, gpu=zerogpu.GPU, device="cpu") is None
+    assert "MLLAMA_QUANTIZE=int8 is not used on ZeroGPU" in capsys.readouterr().err
