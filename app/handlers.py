@@ -128,15 +128,18 @@ class ChatHandlers:
             messages = engine_messages(conversation, system_prompt or "", self.read_picture)
             pieces = self.engine.chat(messages, settings, cancel=cancel,
                                       session_id=f"{session}/{conversation.thread_key}")
-            shown_at = None
+            shown_at, unshown = None, False
             for item in pieces:
                 if isinstance(item, ReplyStats):
+                    if unshown:  # the end of the text first, then its figures
+                        yield conversation, chat_messages(conversation)
                     finish(turn, stats=item)
                 else:
                     record_piece(turn, item)
                     # The browser redraws the whole answer for each update: a fast model's tokens are
                     # sent in batches, so that the page stays responsive while it streams.
-                    if shown_at is not None and time.monotonic() - shown_at < UPDATE_EVERY_S:
+                    unshown = shown_at is not None and time.monotonic() - shown_at < UPDATE_EVERY_S
+                    if unshown:
                         continue
                     shown_at = time.monotonic()
                 yield conversation, chat_messages(conversation)

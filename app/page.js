@@ -72,6 +72,11 @@
     if (hidden > 0) window.scrollBy(0, hidden + 4);
   }
 
+  // Gradio's outer box hides its overflow, which makes it a scrolling box: the message box could not
+  // stick to the bottom of the screen inside it. Clipping hides the same overflow without that.
+  const container = document.querySelector('.gradio-container');
+  if (container) container.style.overflow = 'clip';
+
   // ---- names for assistive technology ----------------------------------------------------------
   // The message box takes the keyboard at once on a computer; on a touch screen it waits for a tap
   // (focusing it would open the on-screen keyboard and scroll the page away from its top).
@@ -92,6 +97,21 @@
     });
     const textarea = document.querySelector('#message textarea');
     if (textarea && !textarea.getAttribute('aria-label')) textarea.setAttribute('aria-label', 'Message');
+    const examples = document.querySelector('#chat .examples[role=list]');
+    if (examples) {  // a list may only hold list items; these are buttons
+      examples.setAttribute('role', 'group');
+      examples.setAttribute('aria-label', 'Examples');
+    }
+    const empty = document.querySelector('#active-picture .empty:not([role])');
+    if (empty) {
+      empty.setAttribute('role', 'img');
+      empty.setAttribute('aria-label', 'No picture yet');
+    }
+    // A toast's header is a button that holds its Close button; the header only folds the text.
+    document.querySelectorAll('.toast-header[role=button]').forEach(header => {
+      header.removeAttribute('role');
+      header.removeAttribute('tabindex');
+    });
     const down = document.querySelector('#chat .scroll-down-button-container button');
     if (down && down.getAttribute('aria-label') !== 'Jump to the latest message') {
       down.setAttribute('aria-label', 'Jump to the latest message');

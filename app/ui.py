@@ -75,7 +75,7 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
                 textbox = gr.MultimodalTextbox(
                     label="Message", show_label=False, elem_id="message", file_types=["image"],
                     file_count="single", sources=["upload"],
-                    placeholder="Ask a question. Add a picture with the clip, or paste or drop one here.",
+                    placeholder="Ask a question, or add a picture with the clip",
                     max_plain_text_length=20000, submit_btn=True, stop_btn=False)
                 with gr.Row(elem_id="actions"):
                     retry_button = gr.Button("↻ Retry", size="sm", elem_id="retry", min_width=80, interactive=False)
