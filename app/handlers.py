@@ -66,9 +66,10 @@ def check_seed(seed: float | None) -> None:
 
 
 class ChatHandlers:
-    def __init__(self, engine: Engine, max_new_tokens: int, running: RunningAnswers, picture_folders: list[Path]):
+    def __init__(self, engine: Engine, max_new_tokens: int, running: RunningAnswers,
+                 picture_folders: list[Path] | None = None):
         self.engine = engine
-        self.picture_folders = picture_folders  # where restored pictures may come from
+        self.picture_folders = picture_folders or []  # where pictures restored after a reload may be
         self.max_new_tokens = max_new_tokens
         side = engine.info.tile_size * engine.info.max_tiles  # the model sees no more pixels
         self.read_picture = functools.partial(read_picture, max_side=side)
