@@ -159,6 +159,17 @@
     }
     return lines.join('\n\n');
   };
+  // An answer and its figures line share a bubble, whose copy button would copy both: it copies the
+  // answer's text alone.
+  document.addEventListener('click', event => {
+    const button = event.target.closest && event.target.closest('#chat .message-buttons button[aria-label="Copy message"]');
+    const row = button && button.closest('.message-buttons').previousElementSibling;
+    const answer = row && row.querySelector('.thought-group') && row.querySelector('.message:not(.thought) .message-content');
+    if (!answer) return;
+    event.stopPropagation();
+    event.preventDefault();
+    navigator.clipboard.writeText(answer.innerText.trim());
+  }, true);
   window.mllamaCopyConversation = messages => {
     navigator.clipboard.writeText(window.mllamaConversationText(messages));
     return [];

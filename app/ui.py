@@ -68,7 +68,6 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
                     label="Conversation", show_label=False, elem_id="chat", scale=1, min_height=360,
                     height="62vh", buttons=["copy", copy_all], latex_delimiters=LATEX,
                     feedback_options=None, layout="bubble", autoscroll=False,  # the page's script follows
-                    group_consecutive_messages=False,  # so an answer's copy button leaves out its figures
                     allow_file_downloads=False, examples=chat_examples(examples),
                     placeholder="### Ask about a picture\nAdd one with the clip button, paste it or drop it "
                                 "here, or start from an example:")
