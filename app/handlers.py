@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -144,7 +144,7 @@ class ChatHandlers:
                         continue
                     shown_at = time.monotonic()
                 yield conversation, chat_messages(conversation)
-        except Exception as error:  # noqa: BLE001 - every failure becomes a message; the history stays
+        except Exception as error:
             if isinstance(error, (ConversationError, ImageLoadError, EngineError)):
                 log.info("answer refused: %s", error)  # the user's to fix: one line, no traceback
             else:

@@ -13,7 +13,7 @@ from .config import EXAMPLES_DIR, LLAMA_VISION, TINY_MODEL, AppConfig
 from .conversation import Conversation
 from .display import POLICY, picture_card
 from .examples import chat_examples, load_examples
-from .handlers import ChatHandlers, textbox_ready
+from .handlers import ChatHandlers
 
 if TYPE_CHECKING:
     from serving import Engine

@@ -11,20 +11,21 @@ import random
 import re
 from pathlib import Path
 
+import axe_playwright_python
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
+from test_app_browser import (ANSWER_TIMEOUT_MS, ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, LONG_BUDGET, answers, attach,
+                              figures, screenshot, send, set_settings, wait_until_answered)
 
 from app.config import EXAMPLES_DIR
 from scripts.synthetic import draw_picture
-from test_app_browser import (ANSWER_TIMEOUT_MS, CHROMIUM, CHROMIUM_ARGS, LONG_BUDGET, answers, attach, figures,
-                              screenshot, send, set_settings, wait_until_answered)
 
 DESKTOP = {"width": 1366, "height": 900}
 LAPTOP = {"width": 1366, "height": 768}
 PHONE = {"width": 390, "height": 844}
 TOUCH = {"is_mobile": True, "has_touch": True}
 SMALLEST_TAP_PX = 44
-AXE_SCRIPT = Path(__import__("axe_playwright_python").__file__).with_name("axe.min.js")
+AXE_SCRIPT = Path(axe_playwright_python.__file__).with_name("axe.min.js")  # axe-core, as that package ships it
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,13 @@ def pictures(tmp_path_factory) -> dict[str, str]:
         draw_picture(random.Random(3), color, shape, count, size).save(path)
         made[color] = str(path)
     return made
+
+
+def screen(page: Page, name: str) -> None:
+    """A screenshot of what the screen shows (on a phone a whole-page picture would misplace the pinned
+    message box)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
 def log_of(page: Page):
@@ -161,7 +169,8 @@ def test_on_a_touch_phone_the_newest_answer_is_in_view_after_sending(open_page, 
     page = open_page(PHONE, **TOUCH)
     assert page.evaluate("window.scrollY") == 0, "the page should open at its top, not at the message box"
     expect(page.locator("#chat .example").first).to_be_visible()
-    screenshot(page, "page-phone-empty-light")
+    assert in_view_and_uncovered(page.locator("#chat .example").first), "the examples should be on screen"
+    screen(page, "page-phone-empty-light")
     attach(page, pictures["red"])
     page.locator("#message textarea").fill("What color is the shape?")
     page.locator("#message .submit-button").tap()
@@ -169,11 +178,11 @@ def test_on_a_touch_phone_the_newest_answer_is_in_view_after_sending(open_page, 
     assert in_view_and_uncovered(answers(page).last), "the newest answer should be on screen after sending"
     assert in_view_and_uncovered(page.locator("#message textarea")), "the message box should stay on screen"
     expect(page.locator("#chat .example")).to_have_count(0)  # examples are gone once a conversation starts
+    screen(page, "page-phone-answered-light")
     page.evaluate("window.scrollTo(0, 0)")  # the top of the page: the message box is pinned at the bottom
     box = page.locator("#message").bounding_box()
     assert PHONE["height"] / 2 <= box["y"] and box["y"] + box["height"] <= PHONE["height"] + 1, \
         f"the message box should be pinned at the bottom of the screen, it is at {box}"
-    screenshot(page, "page-phone-answered-light")
 
 
 def test_on_a_touch_phone_the_pages_controls_are_big_enough_for_a_finger(open_page, pictures):
@@ -323,13 +332,12 @@ def test_axe_finds_no_serious_problem_empty_or_with_an_out_of_view_thread(open_p
 
 def test_screenshots_of_the_phone_in_dark_mode(open_page, pictures):
     page = open_page(PHONE, dark=True, **TOUCH)
-    screenshot(page, "page-phone-empty-dark")
+    screen(page, "page-phone-empty-dark")
     attach(page, pictures["green"])
     send(page, "What shape is this?")
     wait_until_answered(page)
     assert in_view_and_uncovered(answers(page).last)
-    page.evaluate("window.scrollTo(0, 0)")
-    screenshot(page, "page-phone-answered-dark")
+    screen(page, "page-phone-answered-dark")
 
 
 # ---- copying -------------------------------------------------------------------------------------------
@@ -351,13 +359,16 @@ def test_copy_gives_the_answer_and_the_conversation_as_plain_text(open_page, pic
 
 
 def assert_clipboard(page: Page, expected: str) -> None:
-    """Wait until the clipboard holds `expected` (copying is asynchronous); show what it holds if not."""
-    try:
-        page.wait_for_function("async expected => (await navigator.clipboard.readText()) === expected", arg=expected,
-                               timeout=10_000)
-    except Exception:  # noqa: BLE001 - the assertion below says what the clipboard holds instead
-        pass
-    assert page.evaluate("navigator.clipboard.readText()") == expected
+    """Wait until the clipboard holds `expected` (copying is asynchronous); say what it holds if not."""
+    holds = page.evaluate("""async expected => {
+        for (let tries = 0; tries < 100; tries++) {
+            const text = await navigator.clipboard.readText();
+            if (text === expected) return text;
+            await new Promise(resolve => setTimeout(resolve, 100));
+        }
+        return navigator.clipboard.readText();
+    }""", expected)
+    assert holds == expected
 
 
 # ---- actions that cannot run ---------------------------------------------------------------------------
@@ -436,4 +447,4 @@ def test_the_message_box_and_the_pictures_have_names(open_page, pictures):
     wait_until_answered(page)
     for image in page.locator("#chat img, #active-picture img").all():
         assert (image.get_attribute("alt") or "").strip(), "every picture needs a text alternative"
-    expect(page.get_by_role("button", name=re.compile("picture", re.I)).first).to_be_visible()
+    expect(page.get_by_role("button", name=re.compile("picture", re.IGNORECASE)).first).to_be_visible()
