@@ -205,9 +205,13 @@ class ChatHandlers:
         thumbnail, caption = self.card(empty)
         return empty, [], textbox_ready(), thumbnail, caption, *actions(empty), saved(empty)
 
-    def restore(self, kept: Any) -> tuple:
-        """On page load: the conversation the browser kept, if any, as it was left."""
-        conversation = restored(kept, self.picture_folders)
+    def restore(self, conversation: Conversation, kept: Any) -> tuple:
+        """On page load: the conversation the browser kept, if any, as it was left. Nothing changes
+        when there is none, or when the user was quicker and has already sent a question."""
+        kept_conversation = restored(kept, self.picture_folders)
+        if conversation.turns or not kept_conversation.turns:
+            return (gr.skip(),) * 6
+        conversation = kept_conversation
         thumbnail, caption = self.card(conversation)
         return conversation, chat_messages(conversation), thumbnail, caption, *actions(conversation)
 

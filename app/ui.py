@@ -152,7 +152,7 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
                                     defaults.repetition_penalty, default_seed],
                            None, settings[1:], **quick)
         copy_all.click(None, chatbot, None, js="(messages) => window.mllamaCopyConversation(messages)")
-        demo.load(handlers.restore, kept, [*shown, *card, *buttons], **quick)
+        demo.load(handlers.restore, [conversation, kept], [*shown, *card, *buttons], **quick)
         demo.unload(handlers.leave)
     return demo
 

@@ -431,6 +431,14 @@ def test_after_stop_typing_goes_on_in_the_message_box(open_page, talkative_app):
     expect(page.locator("#message textarea")).to_have_value("Next")
 
 
+def test_after_choosing_a_picture_typing_goes_on_in_the_message_box(open_page, pictures):
+    page = open_page()
+    page.locator("#message .upload-button").focus()  # as after a click on the clip
+    attach(page, pictures["red"])
+    page.keyboard.type("What color?")
+    expect(page.locator("#message textarea")).to_have_value("What color?")
+
+
 def test_the_tab_has_the_apps_icon_and_the_link_preview_a_description(open_page, tiny_app):
     page = open_page()
     icon = page.request.get(tiny_app.url + "favicon.ico")
