@@ -67,9 +67,10 @@ def check_seed(seed: float | None) -> None:
 
 class ChatHandlers:
     def __init__(self, engine: Engine, max_new_tokens: int, running: RunningAnswers,
-                 picture_folders: list[Path] | None = None):
+                 picture_folders: list[Path] | None = None, examples: list[dict] | None = None):
         self.engine = engine
         self.picture_folders = picture_folders or []  # where pictures restored after a reload may be
+        self.examples = examples or []  # message box values, in the order the empty chat shows them
         self.max_new_tokens = max_new_tokens
         side = engine.info.tile_size * engine.info.max_tiles  # the model sees no more pixels
         self.read_picture = functools.partial(read_picture, max_side=side)
@@ -108,12 +109,12 @@ class ChatHandlers:
         return (updated, chat_messages(updated), textbox_answering(), thumbnail, caption, *actions(updated),
                 saved(updated))
 
-    def send_example(self, conversation: Conversation, seed: float | None, chosen: gr.SelectData) -> dict:
-        """An example picked in the empty chat is sent as it is: the message box's value for it."""
+    def send_example(self, seed: float | None, chosen: gr.SelectData) -> dict:
+        """An example picked in the empty chat is sent as it is: the message box's value for it. Its
+        picture is taken from the examples folder, not from the page's copy, which Gradio's cache
+        cleaning may have deleted since."""
         check_seed(seed)
-        example = chosen.value or {}
-        files = [item["path"] if isinstance(item, dict) else item for item in example.get("files") or []]
-        return {"text": example.get("text") or "", "files": files}
+        return self.examples[chosen.index]
 
     def answer(self, conversation: Conversation, system_prompt: str, temperature: float, top_p: float,
                top_k: float, max_new_tokens: float, repetition_penalty: float, seed: float | None,

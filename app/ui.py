@@ -41,9 +41,9 @@ DEMO_NOTE = (
 def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
     info = engine.info
     defaults = info.defaults
-    handlers = ChatHandlers(engine, config.max_new_tokens, RunningAnswers(),
-                           [Path(gr.utils.get_upload_folder()), EXAMPLES_DIR])
     examples = load_examples(EXAMPLES_DIR) if EXAMPLES_DIR.is_dir() else []
+    handlers = ChatHandlers(engine, config.max_new_tokens, RunningAnswers(),
+                            [Path(gr.utils.get_upload_folder()), EXAMPLES_DIR], examples)
     default_seed = RANDOM_SEED if defaults.seed is None else defaults.seed
 
     # Uploads pile up in Gradio's temporary folder whether or not a message is sent: delete old ones.
@@ -130,7 +130,7 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
 
         typed = textbox.submit(handlers.check_message, [conversation, textbox, seed], None, trigger_mode="once",
                                **quick)
-        picked = chatbot.example_select(handlers.send_example, [conversation, seed], textbox, **quick)
+        picked = chatbot.example_select(handlers.send_example, seed, textbox, **quick)
         answers = [sending(typed), sending(picked.success(handlers.check_message, [conversation, textbox, seed],
                                                           None, **quick))]
 

@@ -410,6 +410,8 @@ def test_on_a_laptop_the_examples_are_in_view_and_one_click_sends_one(open_page)
     box = example.bounding_box()
     assert box["y"] + box["height"] <= LAPTOP["height"], f"the first example is below the fold: {box}"
     example.click()
+    sent = page.locator("#chat .user-row .message-content").filter(has_text=first["question"])
+    expect(sent).to_have_count(1, timeout=ANSWER_TIMEOUT_MS)
     wait_until_answered(page)
     assert user_texts(page) == [first["question"]]
     assert first["answer"].lower().rstrip(".") in answers(page).last.inner_text().lower()
