@@ -42,6 +42,9 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
     info = engine.info
     defaults = info.defaults
     examples = load_examples(EXAMPLES_DIR) if EXAMPLES_DIR.is_dir() else []
+    # Served from their folder, not copied to Gradio's cache: the cache's cleaning (see delete_cache
+    # below) would delete the copies the empty chat's examples point to, and picking one would fail.
+    gr.set_static_paths([str(EXAMPLES_DIR)])
     handlers = ChatHandlers(engine, config.max_new_tokens, RunningAnswers(),
                             [Path(gr.utils.get_upload_folder()), EXAMPLES_DIR], examples)
     default_seed = RANDOM_SEED if defaults.seed is None else defaults.seed
