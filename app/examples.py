@@ -25,3 +25,10 @@ def load_examples(folder: Path) -> list[dict]:
         question = question_file.read_text().strip() if question_file.is_file() else DEFAULT_QUESTION
         examples.append({"text": question, "files": [str(picture)]})
     return examples
+
+
+def chat_examples(examples: list[dict]) -> list[dict]:
+    """The examples as the empty chat shows them: the picture as the card's icon, the question as its
+    text; picking one sends that message."""
+    return [{"text": example["text"], "files": example["files"], "display_text": example["text"],
+             **({"icon": example["files"][0]} if example["files"] else {})} for example in examples]

@@ -107,12 +107,13 @@ def launch(demo: gr.Blocks, config: AppConfig, engine: Engine, **overrides: Any)
     """Queue and serve `demo`, with the OpenAI-compatible /v1 API on the same server; `overrides`
     go to `Blocks.launch` (tests pass prevent_thread_lock=True)."""
     from .openai_api import add_openai_api
-    from .ui import CSS
+    from .ui import CSS, FAVICON, HEAD, PAGE_JS
 
     demo.queue(max_size=config.queue_size, default_concurrency_limit=config.max_batch)
     options = dict(server_name=config.host, server_port=config.port, share=config.share,
                    auth=slowed_login(*config.auth) if config.auth else None,
-                   max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES_DIR)], css=CSS,
+                   max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES_DIR)], css=CSS, js=PAGE_JS,
+                   head=HEAD, favicon_path=str(FAVICON),
                    footer_links=["api", "settings"], show_error=True)
     block = not overrides.get("prevent_thread_lock", False)
     started = demo.launch(**{**options, **overrides, "prevent_thread_lock": True})

@@ -1,6 +1,7 @@
 """The page: a chat about pictures. First what is on the page, then how its events are wired."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,15 +12,25 @@ from .api import add_ask_endpoint
 from .config import EXAMPLES_DIR, LLAMA_VISION, TINY_MODEL, AppConfig
 from .conversation import Conversation
 from .display import POLICY, picture_card
-from .examples import load_examples
-from .handlers import ChatHandlers, textbox_ready
+from .examples import chat_examples, load_examples
+from .handlers import ChatHandlers
 
 if TYPE_CHECKING:
     from serving import Engine
 
-CSS = (Path(__file__).parent / "theme.css").read_text()
-LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
-         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+HERE = Path(__file__).parent
+CSS = (HERE / "theme.css").read_text()
+if not os.environ.get("SPACE_ID"):  # Gradio's share buttons only work on Hugging Face Spaces
+    CSS += "\n#chat button[aria-label=Share] { display: none !important; }\n"
+PAGE_JS = (HERE / "page.js").read_text()
+FAVICON = HERE / "favicon.svg"
+DESCRIPTION = ("Chat with Llama 3.2 Vision about a picture: add a photo, a receipt or a drawing and ask about it. "
+               "Runs the model in plain PyTorch.")
+HEAD = (f'<meta name="description" content="{DESCRIPTION}">\n'
+        f'<meta property="og:description" content="{DESCRIPTION}">')
+# No single `$`: "it costs $5 and that one $10" is a price, not math.
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\(", "right": "\\)", "display": False},
+         {"left": "\\[", "right": "\\]", "display": True}]
 DEMO_NOTE = (
     "**Demo model.** Answers come from `tiny-mllama`, a few-MB model trained on simple drawings: it only "
     "knows the colour, shape and number of shapes in a picture. To chat with the real model, run "
@@ -30,14 +41,22 @@ DEMO_NOTE = (
 def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
     info = engine.info
     defaults = info.defaults
-    handlers = ChatHandlers(engine, config.max_new_tokens, RunningAnswers())
     examples = load_examples(EXAMPLES_DIR) if EXAMPLES_DIR.is_dir() else []
+    # Served from their folder, not copied to Gradio's cache: the cache's cleaning (see delete_cache
+    # below) would delete the copies the empty chat's examples point to, and picking one would fail.
+    gr.set_static_paths([str(EXAMPLES_DIR)])
+    handlers = ChatHandlers(engine, config.max_new_tokens, RunningAnswers(),
+                            [Path(gr.utils.get_upload_folder()), EXAMPLES_DIR], examples)
     default_seed = RANDOM_SEED if defaults.seed is None else defaults.seed
 
     # Uploads pile up in Gradio's temporary folder whether or not a message is sent: delete old ones.
     max_age = config.upload_max_age_s
     with gr.Blocks(title="Llama 3.2 Vision chat", fill_height=True, delete_cache=(max_age, max_age)) as demo:
         conversation = gr.State(Conversation())
+        # Copies the conversation as plain text (the page's script writes it): questions and answers only.
+        copy_all = gr.Button("Copy conversation", elem_id="copy-conversation", render=False)
+        # The browser's copy of the conversation, so that a reload keeps it (encrypted by Gradio).
+        kept = gr.BrowserState(None, storage_key="mllama-chat-conversation")
 
         # ---- the page -------------------------------------------------------------------------
         with gr.Row(elem_id="header"):
@@ -50,22 +69,20 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
             with gr.Column(scale=3, min_width=320, elem_id="chat-column"):
                 chatbot = gr.Chatbot(
                     label="Conversation", show_label=False, elem_id="chat", scale=1, min_height=360,
-                    height="62vh", buttons=["copy", "copy_all"], latex_delimiters=LATEX,
-                    feedback_options=None, layout="bubble",
+                    height="62vh", buttons=["copy", copy_all], latex_delimiters=LATEX,
+                    feedback_options=None, layout="bubble", autoscroll=False,  # the page's script follows
+                    allow_file_downloads=False, examples=chat_examples(examples),
                     placeholder="### Ask about a picture\nAdd one with the clip button, paste it or drop it "
-                                "on the message box, or start from an example below.")
+                                "here, or start from an example:")
                 textbox = gr.MultimodalTextbox(
-                    show_label=False, elem_id="message", file_types=["image"], file_count="single",
-                    sources=["upload"],
-                    placeholder="Ask a question. Add a picture with the clip, or paste or drop one here.",
-                    max_plain_text_length=20000, autofocus=True, submit_btn=True, stop_btn=False)
+                    label="Message", show_label=False, elem_id="message", file_types=["image"],
+                    file_count="single", sources=["upload"],
+                    placeholder="Ask a question, or add a picture with the clip",
+                    max_plain_text_length=20000, submit_btn=True, stop_btn=False)
                 with gr.Row(elem_id="actions"):
-                    retry_button = gr.Button("↻ Retry", size="sm", elem_id="retry", min_width=80)
-                    undo_button = gr.Button("↶ Undo", size="sm", elem_id="undo", min_width=80)
+                    retry_button = gr.Button("↻ Retry", size="sm", elem_id="retry", min_width=80, interactive=False)
+                    undo_button = gr.Button("↶ Undo", size="sm", elem_id="undo", min_width=80, interactive=False)
                     clear_button = gr.Button("✕ Clear", size="sm", elem_id="clear", min_width=80)
-                if examples:
-                    gr.Examples(examples, inputs=textbox, label="Examples: pick one, then press Enter",
-                                api_visibility="private", examples_per_page=8)
 
             with gr.Column(scale=1, min_width=280, elem_id="side-column"):
                 with gr.Group(elem_id="picture-card"):
@@ -90,7 +107,8 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
                     repetition_penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05,
                                                    label="Repetition penalty", info="1 = off",
                                                    elem_id="repetition-penalty")
-                    seed = gr.Number(label="Seed", value=default_seed, precision=0, minimum=RANDOM_SEED,
+                    # No `minimum`: Gradio's own check would fail the answer without naming the field.
+                    seed = gr.Number(label="Seed", value=default_seed, precision=0,
                                      info="-1 = a new random seed for every answer", elem_id="seed")
                     reset_button = gr.Button("Reset to the model's defaults", size="sm", elem_id="reset-settings")
 
@@ -100,31 +118,44 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
         settings = [system_prompt, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed]
         shown = [conversation, chatbot]
         card = [thumbnail, caption]
+        buttons = [retry_button, undo_button]
         quick = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
         answering = {"api_visibility": "private", "concurrency_id": "answer",
                      "concurrency_limit": config.max_batch, "show_progress": "minimal"}
 
-        checked = textbox.submit(handlers.check_message, [conversation, textbox], None, **quick)
-        submitted = checked.success(handlers.submit, [conversation, textbox], [*shown, textbox, *card], **quick)
-        submit_answer = submitted.success(handlers.answer, [conversation, *settings], shown, **answering)
-        submit_answer.then(textbox_ready, None, textbox, **quick)
+        # Sending: from the message box, or an example picked in the empty chat (sent as it is).
+        def sending(checked: gr.events.Dependency) -> gr.events.Dependency:
+            submitted = checked.success(handlers.submit, [conversation, textbox],
+                                        [*shown, textbox, *card, *buttons, kept], **quick)
+            answer = submitted.success(handlers.answer, [conversation, *settings], shown, **answering)
+            answer.then(handlers.answered, conversation, [textbox, *buttons, kept], **quick)
+            return answer
 
-        retry_checked = retry_button.click(handlers.check_retry, conversation, None, **quick)
-        retried = retry_checked.success(handlers.retry, conversation, [*shown, textbox], **quick)
+        typed = textbox.submit(handlers.check_message, [conversation, textbox, seed], None, trigger_mode="once",
+                               **quick)
+        picked = chatbot.example_select(handlers.send_example, seed, textbox, **quick)
+        answers = [sending(typed), sending(picked.success(handlers.check_message, [conversation, textbox, seed],
+                                                          None, **quick))]
+
+        retry_checked = retry_button.click(handlers.check_retry, [conversation, seed], None, **quick)
+        retried = retry_checked.success(handlers.retry, conversation, [*shown, textbox, *buttons], **quick)
         retry_answer = retried.success(handlers.answer, [conversation, *settings], shown, **answering)
-        retry_answer.then(textbox_ready, None, textbox, **quick)
+        retry_answer.then(handlers.answered, conversation, [textbox, *buttons, kept], **quick)
 
         # Stop and Clear skip the queue: they must work when it is full (they only free work).
         immediate = {"api_visibility": "private", "queue": False, "show_progress": "hidden"}
-        textbox.stop(handlers.stop, conversation, [*shown, textbox], cancels=[submit_answer, retry_answer],
-                     **immediate)
-        undo_button.click(handlers.undo, conversation, [*shown, textbox, *card], **quick)
-        clear_button.click(handlers.clear, None, [*shown, textbox, *card], cancels=[submit_answer, retry_answer],
-                           **immediate)
+        textbox.stop(handlers.stop, conversation, [*shown, textbox, *buttons, kept],
+                     cancels=[*answers, retry_answer], **immediate)
+        undo_button.click(handlers.undo, conversation, [*shown, textbox, *card, *buttons, kept], **quick)
+        # The chat's own trash icon is a Clear too: the server forgets the turns, the card its picture.
+        gr.on([clear_button.click, chatbot.clear], handlers.clear, None, [*shown, textbox, *card, *buttons, kept],
+              cancels=[*answers, retry_answer], **immediate)
         reset_button.click(lambda: [defaults.temperature, defaults.top_p, defaults.top_k,
                                     min(defaults.max_new_tokens, config.max_new_tokens),
                                     defaults.repetition_penalty, default_seed],
                            None, settings[1:], **quick)
+        copy_all.click(None, chatbot, None, js="(messages) => window.mllamaCopyConversation(messages)")
+        demo.load(handlers.restore, [conversation, kept], [*shown, *card, *buttons], **quick)
         demo.unload(handlers.leave)
     return demo
 

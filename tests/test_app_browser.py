@@ -163,13 +163,12 @@ def test_asking_about_a_picture_streams_an_answer_with_its_colour(open_page, pic
     screenshot(page, "02-answered")
 
 
-def test_an_example_fills_the_message_box_and_gets_its_expected_answer(open_page):
+def test_an_example_picked_in_the_empty_chat_is_sent_and_gets_its_expected_answer(open_page):
     first = json.loads((EXAMPLES_DIR / "examples.json").read_text())[0]
     page = open_page()
-    page.locator("#chat-column .gallery-item").first.click()
-    expect(page.locator("#message textarea")).to_have_value(first["question"])
-    expect(page.locator("#message .thumbnail-item")).to_have_count(1)
-    page.locator("#message .submit-button").click()
+    page.locator("#chat .example").first.click()
+    expect(page.locator("#chat [data-testid=user]").filter(has_text=first["question"])).to_have_count(1)
+    expect(page.locator("#chat .user-row img")).to_have_count(1)
     wait_until_answered(page)
     answer = answers(page).last.inner_text()
     assert first["answer"].lower().rstrip(".") in answer.lower(), \
