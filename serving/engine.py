@@ -174,10 +174,8 @@ class RequestReader:
         prompt_ids = inputs["input_ids"][0].tolist()
         room = self.context_tokens - len(prompt_ids)
         if room < 1:
-            raise PromptTooLong(
-                f"The conversation is {len(prompt_ids)} tokens long and this server keeps at most "
-                f"{self.context_tokens}. Undo a few turns or clear the chat."
-            )
+            raise PromptTooLong(_too_long(_user_turns(messages) == 1, f"{len(prompt_ids):,} tokens",
+                                          f"{self.context_tokens:,}"))
         generator = None
         if settings.seed is not None and device is not None:
             generator = torch.Generator(device=device).manual_seed(int(settings.seed))
@@ -208,8 +206,22 @@ class RequestReader:
         limit = self.context_tokens * CHARACTERS_PER_TOKEN
         length = sum(map(len, texts))
         if length > limit:
-            raise PromptTooLong(f"The conversation is {length:,} characters long and this server takes at most "
-                                f"{limit:,} ({self.context_tokens:,} tokens). Shorten the message or clear the chat.")
+            alone = len(texts[-1]) > limit
+            raise PromptTooLong(_too_long(alone, f"{len(texts[-1]) if alone else length:,} characters",
+                                          f"{limit:,} ({self.context_tokens:,} tokens)"))
+
+
+def _user_turns(messages: list[dict]) -> int:
+    return sum(m.get("role") == "user" for m in messages)
+
+
+def _too_long(message_alone: bool, size: str, most: str) -> str:
+    """Why a prompt does not fit, in the terms of what the user can change: their message, or a
+    conversation that has grown (whose remedy is to start again: Undo removes only the newest turn)."""
+    if message_alone:
+        return f"Your message is {size} long and this server takes at most {most}. Shorten it and send it again."
+    return (f"The conversation is {size} long and this server takes at most {most}. Clear the chat to start a new "
+            "one, or send a shorter message.")
 
 
 class ChatEngine:

@@ -300,8 +300,15 @@ def test_full_queue_answers_busy(folder):
 
 
 def test_conversation_longer_than_the_context_is_refused(engine):
-    with pytest.raises(PromptTooLong, match="Undo a few turns or clear the chat"):
+    with pytest.raises(PromptTooLong, match="Your message is [0-9,]+ tokens long and this server takes at most 256. Shorten it"):
         engine.chat([{"role": "user", "content": "red " * 400}], GREEDY)
+
+
+def test_a_conversation_grown_past_the_context_is_refused_with_clear_as_the_way_out(engine):
+    grown = [user("red " * 150), {"role": "assistant", "content": "blue " * 150}, user("and now?")]
+    with pytest.raises(PromptTooLong, match="The conversation is [0-9,]+ tokens long and this server takes at most "
+                                            "256. Clear the chat to start a new one"):
+        engine.chat(grown, GREEDY)
 
 
 def test_more_than_one_picture_is_refused(engine):

@@ -67,7 +67,7 @@ def test_a_huge_question_is_refused_before_tokenizing_it(engine):
 
     question = "red " * 10_000_000
     before = resident()
-    with pytest.raises(PromptTooLong, match="40,000,000 characters long and this server takes at most 4,096"):
+    with pytest.raises(PromptTooLong, match="Your message is 40,000,000 characters long and this server takes at most 4,096 "):
         engine.chat([user(question)], GenerationSettings(max_new_tokens=5, temperature=0))
     assert resident() - before < 50 * 2**20, "refusing must not allocate what tokenizing would"
 

@@ -303,6 +303,16 @@ def test_a_seed_below_minus_one_is_refused_by_name_and_nothing_is_stuck(open_pag
     expect(page.get_by_text("still answering")).to_have_count(0)
 
 
+def test_one_over_long_message_is_reported_as_the_message_and_kept(open_page):
+    page = open_page()
+    question = "red " * 1500  # about 1,500 tokens: more than the tiny app's 1,024
+    send(page, question)
+    expect(page.locator("#chat").get_by_text(re.compile(r"Your message is [0-9,]+ tokens long"))).to_be_visible(
+        timeout=ANSWER_TIMEOUT_MS)
+    expect(page.get_by_text("Undo a few turns")).to_have_count(0)
+    expect(page.locator("#chat .user-row .message-content").last).to_contain_text("red red red")  # kept
+
+
 # ---- accessibility -------------------------------------------------------------------------------------
 def axe_problems(page: Page) -> list[str]:
     page.add_script_tag(path=str(AXE_SCRIPT))
