@@ -269,3 +269,11 @@ def test_compiled_beam_search_gives_the_eager_beams(tmp_path):
     compiled = ours.generate(**inputs, compile=True, **kwargs)
     assert torch.equal(compiled.sequences, eager.sequences)
     torch.testing.assert_close(compiled.sequences_scores, eager.sequences_scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [dict(min_p=0.1), dict(constraints=[]), dict(assistant_model=None),
+                                    dict(output_attentions=True)], ids=lambda o: next(iter(o)))
+def test_options_not_implemented_are_refused_by_name(pair, option):
+    hf, ours = pair
+    with pytest.raises(TypeError, match=next(iter(option))):
+        ours.generate(**make_inputs(hf, **CASES["text_only"]), max_new_tokens=2, **option)
