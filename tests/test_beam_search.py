@@ -148,13 +148,15 @@ def test_several_samples_per_prompt_draw_what_transformers_draws_from_the_same_s
     hf, ours = pair
     inputs = make_inputs(hf, **CASES["left_padded_batch"])
     kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_k=20, num_beams=num_beams,
-                  num_return_sequences=3, eos_token_id=None)
+                  num_return_sequences=3, eos_token_id=None, output_scores=True, output_logits=True)
     torch.manual_seed(11)
     want, _ = reference_generate(hf, inputs, **kwargs)
     torch.manual_seed(11)
     got = ours.generate(**inputs, return_dict_in_generate=True, **kwargs)
     assert got.sequences.shape == want.sequences.shape == (6, inputs["input_ids"].shape[1] + 8)
     assert torch.equal(got.sequences, want.sequences), f"{got.sequences}\n{want.sequences}"
+    assert_steps_close(got.logits, want.logits, 8, "raw logits")
+    assert_steps_close(got.scores, want.scores, 8, "processed scores (filtered tokens at -inf)")
     first = got.sequences[:3, inputs["input_ids"].shape[1]:]
     assert len({tuple(row.tolist()) for row in first}) > 1, "three samples of one prompt should not all agree"
 
@@ -277,3 +279,23 @@ def test_options_not_implemented_are_refused_by_name(pair, option):
     hf, ours = pair
     with pytest.raises(TypeError, match=next(iter(option))):
         ours.generate(**make_inputs(hf, **CASES["text_only"]), max_new_tokens=2, **option)
+
+
+@pytest.mark.parametrize("setting", [dict(top_k=1), dict(top_p=0.05)], ids=["top_k", "top_p"])
+def test_beam_sampling_keeps_one_token_more_than_the_eos_ids_like_transformers(setting):
+    """Beam sampling filters with min_tokens_to_keep = number of eos ids + 1 (transformers'
+    warpers), so that a beam can go on when the best token ends it."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from model.sampling import SamplingConfig, process_logits
+
+    log_probs = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)).mul(4).log_softmax(-1)
+    eos = [3, 7]
+    warper = (TopKLogitsWarper(setting["top_k"], min_tokens_to_keep=3) if "top_k" in setting
+              else TopPLogitsWarper(setting["top_p"], min_tokens_to_keep=3))
+    cfg = SamplingConfig(do_sample=True, top_k=setting.get("top_k", 0), top_p=setting.get("top_p", 1.0))
+    ours = process_logits(log_probs, torch.zeros(4, 1, dtype=torch.long), cfg, new_tokens=0, eos_token_ids=eos,
+                          min_tokens_to_keep=len(eos) + 1)
+    want = warper(None, log_probs.clone())
+    assert torch.equal(ours, want)
+    assert (torch.isfinite(ours).sum(-1) == 3).all(), "three tokens should survive the filter"
