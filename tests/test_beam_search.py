@@ -19,6 +19,7 @@ import transformers.generation.utils as reference_generation
 from model import MllamaForConditionalGeneration
 from model.cache import MllamaCache
 from model.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+from model.sampling import SamplingConfig, process_logits
 from reference import VARIANTS, ImageSpec, build_hf_model, make_inputs, save_hf
 
 NEW = 12
@@ -71,7 +72,7 @@ def compare_steps(ours, ref, gaps: list[float], calls_per_step: int) -> bool:
     for step in range(len(ref.scores)):
         for what, mine, theirs in (("raw logits", ours.logits, ref.logits), ("log-probabilities", ours.scores, ref.scores)):
             torch.testing.assert_close(mine[step], theirs[step], rtol=1e-4, atol=1e-4,
-                                       msg=lambda m: f"{what} of step {step} differ from transformers: {m}")
+                                       msg=lambda m, what=what, step=step: f"{what} of step {step} differ from transformers: {m}")
         finite = torch.isfinite(ref.scores[step])
         drift += float((ours.scores[step] - ref.scores[step])[finite].abs().max())
         if min(gaps[step * calls_per_step:(step + 1) * calls_per_step]) <= LENGTH_FACTOR * drift + 1e-6:
@@ -88,7 +89,7 @@ def eos_seen_early(hf, inputs, **kwargs) -> int:
 def assert_steps_close(ours: tuple, ref: tuple, steps: int, what: str) -> None:
     for step in range(steps):
         torch.testing.assert_close(ours[step], ref[step], rtol=1e-4, atol=1e-4,
-                                   msg=lambda m: f"{what} of step {step} differ from transformers: {m}")
+                                   msg=lambda m, step=step: f"{what} of step {step} differ from transformers: {m}")
 
 
 @pytest.mark.parametrize("settings", BEAM_SETTINGS, ids=list(BEAM_SETTINGS))
@@ -180,9 +181,8 @@ def test_several_samples_per_prompt_follow_the_seed_like_a_repeated_batch(pair):
 def test_settings_transformers_refuses_are_refused(pair, kwargs):
     hf, ours = pair
     inputs = make_inputs(hf, **CASES["text_only"])
-    with pytest.raises(ValueError):
-        with torch.no_grad():
-            hf.generate(**inputs, max_new_tokens=3, pad_token_id=0, **kwargs)
+    with pytest.raises(ValueError), torch.no_grad():
+        hf.generate(**inputs, max_new_tokens=3, pad_token_id=0, **kwargs)
     with pytest.raises(ValueError, match="num_beams|early_stopping|do_sample"):
         ours.generate(**inputs, max_new_tokens=3, **kwargs)
 
@@ -286,8 +286,6 @@ def test_beam_sampling_keeps_one_token_more_than_the_eos_ids_like_transformers(s
     """Beam sampling filters with min_tokens_to_keep = number of eos ids + 1 (transformers'
     warpers), so that a beam can go on when the best token ends it."""
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
-    from model.sampling import SamplingConfig, process_logits
 
     log_probs = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)).mul(4).log_softmax(-1)
     eos = [3, 7]
