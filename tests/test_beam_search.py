@@ -297,3 +297,86 @@ def test_beam_sampling_keeps_one_token_more_than_the_eos_ids_like_transformers(s
     want = warper(None, log_probs.clone())
     assert torch.equal(ours, want)
     assert (torch.isfinite(ours).sum(-1) == 3).all(), "three tokens should survive the filter"
+
+
+def reference_beam_search(next_log_probs, ids, *, num_beams, max_length, eos, length_penalty, early_stopping, n):
+    """transformers' `_beam_search` loop around its own beam helpers, with `next_log_probs(ids,
+    length)` in place of the model (the loop glue as in transformers 5.24, minus the model call)."""
+    from transformers.generation.utils import GenerationMixin
+
+    ref = object.__new__(type("Reference", (GenerationMixin,), {}))
+    batch, cur_len = ids.shape[0] // num_beams, ids.shape[1]
+    prompt_len, eos_t = cur_len, torch.tensor(eos)
+    keep = max(2, 1 + len(eos)) * num_beams
+    top_num_beam_mask = torch.arange(keep) < num_beams
+    fill = eos[0]  # transformers' `pad_token_id or eos_token_id[0]` with pad id 0
+    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.int64)
+    running[:, :, :cur_len] = ids.view(batch, num_beams, -1)
+    sequences = running.clone()
+    running_scores = torch.zeros(batch, num_beams)
+    running_scores[:, 1:] = -1e9
+    beam_scores = torch.full((batch, num_beams), -1e9)
+    finished = torch.zeros(batch, num_beams, dtype=torch.bool)
+    unsatisfied = torch.ones(batch, 1, dtype=torch.bool)
+    running_indices = torch.full((batch, num_beams, max_length - cur_len), -1, dtype=torch.int32)
+    beam_indices = running_indices.clone()
+    while True:
+        log_probs = next_log_probs(running.flatten(0, 1), cur_len).view(batch, num_beams, -1)
+        log_probs = (log_probs + running_scores[:, :, None]).reshape(batch, -1)
+        top_lp, top_seq, top_idx = ref._get_top_k_continuations(
+            accumulated_log_probs=log_probs, running_sequences=running, running_beam_indices=running_indices,
+            cur_len=cur_len, decoder_prompt_len=prompt_len, do_sample=False, beams_to_keep=keep,
+            num_beams=num_beams, batch_size=batch)
+        hits = torch.isin(top_seq[:, :, cur_len], eos_t) | (cur_len + 1 >= max_length)
+        running, running_scores, running_indices = ref._get_running_beams_for_next_iteration(
+            topk_log_probs=top_lp, topk_running_sequences=top_seq, topk_running_beam_indices=top_idx,
+            next_token_hits_stopping_criteria=hits, num_beams=num_beams)
+        sequences, beam_scores, beam_indices, finished = ref._update_finished_beams(
+            sequences=sequences, topk_running_sequences=top_seq, beam_scores=beam_scores, topk_log_probs=top_lp,
+            beam_indices=beam_indices, topk_running_beam_indices=top_idx, is_early_stop_heuristic_unsatisfied=unsatisfied,
+            is_sent_finished=finished, next_token_hits_stopping_criteria=hits, top_num_beam_mask=top_num_beam_mask,
+            num_beams=num_beams, cur_len=cur_len, decoder_prompt_len=prompt_len, length_penalty=length_penalty,
+            early_stopping=early_stopping)
+        cur_len += 1
+        unsatisfied = ref._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=unsatisfied, running_beam_scores=running_scores,
+            beam_scores=beam_scores, is_sent_finished=finished, cur_len=cur_len, max_length=max_length,
+            decoder_prompt_len=prompt_len, early_stopping=early_stopping, length_penalty=length_penalty)
+        if not ref._beam_search_has_unfinished_sequences(unsatisfied, finished, hits, early_stopping):
+            break
+    sequences, beam_scores = sequences[:, :n].flatten(0, 1), beam_scores[:, :n].flatten()
+    beam_indices = beam_indices[:, :n].flatten(0, 1)
+    longest = int((beam_indices + 1).bool().sum(dim=1).max())
+    return sequences[:, : prompt_len + longest], beam_scores, beam_indices[:, :longest]
+
+
+@pytest.mark.parametrize("length_penalty", [-1.0, 0.0, 1.0, 2.0])
+@pytest.mark.parametrize("early_stopping", [True, False, "never"], ids=str)
+@pytest.mark.parametrize("seed", range(10))
+def test_beam_bookkeeping_equals_transformers_helpers_where_hypotheses_end_often(seed, early_stopping, length_penalty):
+    """A bigram 'model' whose end token is likely: many hypotheses end early, so the finished
+    set, length penalty and every early-stopping rule decide the result. Same inputs, same
+    float operations: the results must be identical."""
+    from model.beam_search import BeamSearch
+
+    g = torch.Generator().manual_seed(seed)
+    vocab, eos, num_beams, prompt_len, max_length = 12, [3], 3, 4, 16
+    table = torch.randn(vocab, vocab, generator=g).mul(2)
+    table[:, 3] += 1.5  # the end token is often among the best
+    table = table.log_softmax(-1)
+    ids = torch.randint(4, vocab, (4, prompt_len), generator=g).repeat_interleave(num_beams, dim=0)
+
+    def next_log_probs(sequences, length):
+        return table[sequences[:, length - 1]]
+
+    want = reference_beam_search(next_log_probs, ids, num_beams=num_beams, max_length=max_length, eos=eos,
+                                 length_penalty=length_penalty, early_stopping=early_stopping, n=2)
+    beams = BeamSearch(ids, num_beams=num_beams, max_length=max_length, eos_token_ids=eos, pad_token_id=0,
+                       length_penalty=length_penalty, early_stopping=early_stopping, do_sample=False)
+    for length in range(prompt_len, max_length):
+        beams.step(next_log_probs(beams.ids, length), length, last=length + 1 == max_length)
+        if beams.done:
+            break
+    got = beams.result(2)
+    for what, mine, theirs in zip(("sequences", "scores", "beam indices"), got, want):
+        assert torch.equal(mine, theirs), f"{what} differ:\n{mine}\n{theirs}"
