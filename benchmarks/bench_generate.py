@@ -6,7 +6,10 @@ On a GPU the models run in bfloat16 and peak memory is torch.cuda.max_memory_all
 CPU in float32 and peak memory is the largest rise of the process's resident memory during the
 call (sampled every 2 ms).
 
+`--num-beams 4` measures beam search instead of greedy decoding (the same on both sides).
+
 Usage: python benchmarks/bench_generate.py [--preset medium|11b] [--new 64] [--prompt 64] [--text-only] [--no-compile]
+       [--num-beams 1]
 """
 from __future__ import annotations
 
@@ -80,20 +83,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--text-only", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled-decode row")
+    parser.add_argument("--num-beams", type=int, default=1)
     args = parser.parse_args()
+    beams = {"num_beams": args.num_beams}
     hf, ours = build_pair(args.preset)
     inputs = make_inputs(ours.config, prompt_len=args.prompt, image=not args.text_only)
     with torch.inference_mode():  # same greedy tokens, or the comparison is meaningless
-        a = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-        b = ours.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)
-    print(f"greedy tokens equal: {torch.equal(a, b)}")
-    results = {"transformers": measure(hf, inputs, args.new, args.repeats),
-               "ours (eager)": measure(ours, inputs, args.new, args.repeats, compile=False)}
+        a = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0, **beams)
+        b = ours.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, **beams)
+    print(f"{'greedy' if args.num_beams == 1 else 'beam search'} tokens equal: {torch.equal(a, b)}")
+    results = {"transformers": measure(hf, inputs, args.new, args.repeats, **beams),
+               "ours (eager)": measure(ours, inputs, args.new, args.repeats, compile=False, **beams)}
     if not args.no_compile:
-        results["ours (compiled decode)"] = measure(ours, inputs, args.new, args.repeats, compile=True)
+        results["ours (compiled decode)"] = measure(ours, inputs, args.new, args.repeats, compile=True, **beams)
         print(f"compiled decode: {describe_graphs(ours)}")
     what = "text only" if args.text_only else "one 4-tile image"
-    print(f"generate, preset {args.preset}, batch 1, {what}, prompt {args.prompt}, {args.new} new tokens; {machine()}")
+    search = "greedy" if args.num_beams == 1 else f"{args.num_beams} beams"
+    print(f"generate, preset {args.preset}, batch 1, {what}, prompt {args.prompt}, {args.new} new tokens, {search}; "
+          f"{machine()}")
     base = results["transformers"]
     rows = [["implementation", "time to first token (ms)", "decode tokens/s", "peak extra memory (MiB)",
              "TTFT ratio", "decode ratio"]]

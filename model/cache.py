@@ -194,23 +194,26 @@ class MllamaCache:
         return self.static or any(self.image_rows[:rows])
 
     def store_cross(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Cross K/V of all rows of a forward with pictures (prefill)."""
+        """Cross K/V of rows [0, B) of a forward with pictures (prefill). Buffers hold every row of
+        the cache, so that a prompt's rows can later be copied into more rows (`reorder_rows`)."""
+        b = keys.shape[0]
         old = self.cross_keys.get(layer_idx)
-        if old is not None and old.shape == keys.shape:
-            old.copy_(keys)
-            self.cross_values[layer_idx].copy_(values)
-        else:
-            self.cross_keys[layer_idx], self.cross_values[layer_idx] = keys, values
-        self.image_rows[: keys.shape[0]] = [True] * keys.shape[0]
+        if old is None or old.shape[1:] != keys.shape[1:]:
+            self.cross_keys[layer_idx] = keys.new_zeros((self.batch, *keys.shape[1:]))
+            self.cross_values[layer_idx] = values.new_zeros((self.batch, *values.shape[1:]))
+        self.cross_keys[layer_idx][:b].copy_(keys)
+        self.cross_values[layer_idx][:b].copy_(values)
+        self.image_rows[:b] = [True] * b
 
     def set_cross_mask_row(self, row: torch.Tensor, num_vision_tokens: int, dtype: torch.dtype) -> None:
         """Remember the last prompt token's (B, 1, N, T) mask: later tokens see what it saw."""
         additive, rows = prepare_cross_attention_mask(row, num_vision_tokens, dtype)
-        if self.cross_mask is not None and self.cross_mask[: row.shape[0]].shape == additive.shape:
-            self.cross_mask[: row.shape[0]].copy_(additive)
-            self.cross_rows[: row.shape[0]].copy_(rows)
-        else:
-            self.cross_mask, self.cross_rows = additive, rows
+        b = row.shape[0]
+        if self.cross_mask is None or self.cross_mask.shape[1:] != additive.shape[1:]:
+            self.cross_mask = additive.new_zeros((self.batch, *additive.shape[1:]))
+            self.cross_rows = rows.new_zeros((self.batch, *rows.shape[1:]))
+        self.cross_mask[:b].copy_(additive)
+        self.cross_rows[:b].copy_(rows)
 
     def cross_masks(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cross_mask[:rows], self.cross_rows[:rows]
@@ -273,6 +276,36 @@ class MllamaCache:
         cross-attention layers); the row must hold no holes there."""
         return [None if k is None else (k[row : row + 1, :, :length].clone(), v[row : row + 1, :, :length].clone())
                 for k, v in zip(self.keys, self.values)]
+
+    # --- rows that follow other rows (several sequences per prompt: beams, samples) ----------
+
+    def reorder_rows(self, index: torch.Tensor, *, pictures: bool = True) -> None:
+        """Rows [0, n) become copies of rows `index` (n,) as they were: a prompt's row expanded
+        into several sequences, or beam search keeping some beams and dropping others. Buffers
+        are overwritten in place, never replaced (a captured graph stays valid).
+
+        `pictures=False` leaves each row's picture and cross mask where they are, which is right
+        (and saves copying every picture's K/V) when rows only move among rows that see the same
+        picture, as the beams of one prompt do."""
+        n = index.shape[0]
+        if n > self.batch:
+            raise ValueError(f"the cache holds {self.batch} rows, the new order has {n}")
+        host_index = None if self.static and not pictures else index.tolist()
+        # Eager caches only hold positions [0, longest row); static ones are read whole.
+        span = self.capacity if self.static else max(self.host_lengths[r] for r in host_index)
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                if buffer is not None:
+                    buffer[:n, :, :span] = buffer[:, :, :span].index_select(0, index.to(buffer.device))
+        self.valid[:n] = self.valid.index_select(0, index)
+        self.lengths[:n] = self.lengths.index_select(0, index)
+        if not self.static:
+            self.host_lengths[:n] = [self.host_lengths[r] for r in host_index]
+        if pictures:
+            for buffer in (*self.cross_keys.values(), *self.cross_values.values(), self.cross_mask, self.cross_rows):
+                if buffer is not None:
+                    buffer[:n] = buffer.index_select(0, index.to(buffer.device))
+            self.image_rows[:n] = [self.image_rows[r] for r in host_index]
 
     # --- reuse across requests (compiled generate keeps its caches) --------------------------
 

@@ -110,13 +110,35 @@ class MultimodalCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 @dataclass(eq=False)
 class GenerateDecoderOnlyOutput(ModelOutput):
-    """What `generate(return_dict_in_generate=True)` returns: the token ids and, when asked, one
-    (B, V) float32 tensor per new token of processed `scores` and raw `logits`."""
+    """What `generate(return_dict_in_generate=True)` returns without beams, fields as transformers
+    5.x names and orders them: the token ids and, when asked, one (rows, V) float32 tensor per new
+    token of processed `scores` and raw `logits`; `cache` the decoding cache (None when compiled
+    decoding keeps it). `attentions` and `hidden_states` are not produced (always None)."""
 
     sequences: torch.Tensor
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
-    past_key_values: Any = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None
+
+
+@dataclass(eq=False)
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """What beam search returns with `return_dict_in_generate=True`: the best hypotheses
+    (B * num_return_sequences, length), their final scores `sequences_scores` (with
+    `output_scores`), per step the processed log-probabilities `scores` and raw `logits` of every
+    beam (B * num_beams, V), and `beam_indices` (B * num_return_sequences, new tokens): the row
+    each token continued, -1 past a hypothesis' end."""
+
+    sequences: torch.Tensor
+    sequences_scores: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.Tensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None
 
 
 def accepts_past_key_values(forward: Callable) -> Callable:

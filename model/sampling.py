@@ -102,6 +102,7 @@ def process_logits(
     new_tokens: int | torch.Tensor,
     eos_token_ids: Sequence[int],
     attention_mask: torch.Tensor | None = None,
+    min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """Turn last-position logits into the scores the next token is chosen from.
 
@@ -113,6 +114,8 @@ def process_logits(
     attention_mask: (B, L), 0 where input_ids holds padding (left padding of a batched prompt,
       unused slots of a preallocated buffer); those positions are not penalised, like the
       `prompt_ignore_length` transformers derives from the attention mask.
+    min_tokens_to_keep: top-k and top-p never keep fewer tokens (beam sampling keeps one more
+      than there are eos ids, so that some beam can go on).
     Returns (B, V) float32 scores, the logits themselves when no setting applies; the inputs
     are never modified.
     """
@@ -126,9 +129,9 @@ def process_logits(
     if cfg.temperature != 1.0:
         scores = scores / cfg.temperature
     if cfg.top_k != 0:
-        scores = _top_k(scores, cfg.top_k)
+        scores = _top_k(scores, max(cfg.top_k, min_tokens_to_keep))
     if cfg.top_p < 1.0:
-        scores = _top_p(scores, cfg.top_p)
+        scores = _top_p(scores, cfg.top_p, min_tokens_to_keep)
     return scores
 
 
@@ -189,11 +192,11 @@ def _top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return scores.masked_fill(scores < kth_best, -math.inf)
 
 
-def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def _top_p(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
     sorted_scores, order = torch.sort(scores, descending=False)
     cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    # Drop the least likely tokens whose total mass is <= 1 - top_p; always keep the best one.
+    # Drop the least likely tokens whose total mass is <= 1 - top_p; always keep the best ones.
     drop_sorted = cumulative <= (1 - top_p)
-    drop_sorted[:, -1] = False
+    drop_sorted[:, -min_tokens_to_keep:] = False
     drop = drop_sorted.scatter(1, order, drop_sorted)
     return scores.masked_fill(drop, -math.inf)

@@ -121,3 +121,19 @@ def test_graphed_engine_answers_like_generate_alone(fake_cuda, monkeypatch, tmp_
         assert sum(g.replays for g in fake_cuda.graphs) > 0
     finally:
         graphed_engine.close()
+
+
+def test_graphed_beam_search_reorders_the_cache_in_place(fake_cuda, tmp_path):
+    """Beam search copies cache rows between steps; replayed from a graph (which would keep
+    reading replaced buffers), it must still give the eager beams and scores."""
+    hf = build_hf_model(VARIANTS[0], seed=3)
+    ours = MllamaForConditionalGeneration.from_pretrained(save_hf(hf, tmp_path), semantics="transformers")
+    ours.__dict__["_compiled_decode_steps"] = {"cpu": graphed(fake_cuda.recorded(decode_step))}
+    inputs = make_inputs(hf, samples=[[ImageSpec(2, 1)], [ImageSpec(1, 3)]], length=11, pad_left=[5, 0])
+    kwargs = dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None,
+                  return_dict_in_generate=True, output_scores=True)
+    eager = ours.generate(**inputs, compile=False, **kwargs)
+    graphed_run = ours.generate(**inputs, compile=True, **kwargs)
+    assert torch.equal(graphed_run.sequences, eager.sequences)
+    torch.testing.assert_close(graphed_run.sequences_scores, eager.sequences_scores, rtol=1e-5, atol=1e-6)
+    assert len(fake_cuda.graphs) == 1 and fake_cuda.graphs[0].replays == 9, "every decode step replays the one capture"
