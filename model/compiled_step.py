@@ -21,6 +21,11 @@ import torch
 log = logging.getLogger(__name__)
 
 StepFn = Callable[..., torch.Tensor]  # (model, cache, tokens (B,), positions (B,)) -> logits (B, V)
+# Every compiled step is the same Python function (generation.decode_step), and dynamo counts the
+# compilations of one function against one limit (8 by default) across the whole process: every
+# batch size, cache layout and model loaded in it. A server with many batch buckets, or a process
+# that loads several models, needs more than 8; past the limit a full-graph compile fails.
+COMPILATIONS_PER_PROCESS = 256
 
 
 class DecodeGraph:
@@ -64,6 +69,8 @@ def on_one_device(model) -> bool:
 
 def accelerated(step_fn: StepFn, device: torch.device) -> StepFn:
     """`step_fn` compiled (eager if compiling fails); on a CUDA device also run from CUDA graphs."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILATIONS_PER_PROCESS)
     step = with_eager_fallback(torch.compile(step_fn, dynamic=False, fullgraph=True), step_fn)
     return graphed(step) if device.type == "cuda" else step
 

@@ -148,6 +148,21 @@ def test_compiled_decode_gives_the_same_tokens_and_reuses_its_cache(tmp_path, ca
     assert len(ours._decode_caches) == 2, "compiled decoding keeps a bounded number of caches"
 
 
+def test_compiled_decoding_stays_compiled_past_dynamos_default_recompile_limit(tmp_path, caplog):
+    """Every model and shape compiled in a process is the same function to dynamo (decode_step),
+    whose per-function recompile limit is small: a process that has used most of it (a test run,
+    a server with many batch buckets) must still compile a new model's steps, not fall back."""
+    hf = build_hf_model(VARIANTS[0], seed=3)
+    ours = MllamaForConditionalGeneration.from_pretrained(save_hf(hf, tmp_path), semantics="transformers")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING"):  # budget nearly spent
+        for rows in (1, 2, 3, 4):  # a static cache per batch size: one compilation each
+            inputs = make_inputs(hf, samples=[[]] * rows, length=7, seed=rows)
+            kwargs = dict(max_new_tokens=3, do_sample=False, eos_token_id=None)
+            assert torch.equal(ours.generate(**inputs, compile=True, **kwargs), ours.generate(**inputs, **kwargs))
+    assert not [r for r in caplog.records if "compile failed" in r.getMessage()], "the step fell back to eager"
+
+
 def test_text_only_prompts_skip_the_cross_attention_layers(pair):
     hf, ours, _ = pair
     calls = []
