@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,15 @@ def reference_processor(mllama_processor_dir, reference_image_processor):
 
 
 # --- app fixtures (the Gradio app) -------------------------------------------------------------------
+def free_port() -> int:
+    """A port the OS has just handed out. Gradio's own choice, the first free one from 7860, is the
+    port that any other app started on this machine takes next, so a test that closes a server and
+    expects it to be unreachable could reach someone else's server instead."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _serve_app(model: Path, **config: object):
     """Load the real engine on `model`, build the page, serve it on a free local port; yields a
     namespace with `url`, `engine` and `config`, and closes everything afterwards."""
@@ -99,7 +109,7 @@ def _serve_app(model: Path, **config: object):
     engine = load_engine(settings)
     assert engine is not None, f"the engine could not load {model}"
     demo = build_demo(engine, settings)
-    _, url, _ = launch(demo, settings, engine, server_port=None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch(demo, settings, engine, server_port=free_port(), prevent_thread_lock=True, quiet=True)
     yield SimpleNamespace(url=url.rstrip("/") + "/", engine=engine, config=settings)
     demo.close()
     engine.close()

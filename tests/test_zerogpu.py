@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from engine_checkpoint import write_engine_checkpoint, write_talkative_checkpoint
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -329,7 +330,7 @@ def zerogpu_app(folder, zerogpu):
     assert isinstance(engine, ZeroGPUEngine)
     zerogpu.guard(engine.model)
     demo = build_demo(engine, config)
-    _, url, _ = launch(demo, config, engine, server_port=None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch(demo, config, engine, server_port=free_port(), prevent_thread_lock=True, quiet=True)
     client = Client(url, verbose=False)
     yield client, engine
     client.close()
