@@ -47,6 +47,7 @@
       state.sent = false;
       bringChatIntoView();
     }
+    makeRoomForNotices(log);
     if (state.follow) toEnd(log);
     nameThings();
     focusMessageBox();
@@ -70,6 +71,27 @@
     if (!chat || !box) return;
     const hidden = chat.getBoundingClientRect().bottom - (window.innerHeight - box.getBoundingClientRect().height);
     if (hidden > 0) window.scrollBy(0, hidden + 4);
+  }
+
+  // On a phone a notice (a toast) shows just above the message box, where the newest message would
+  // be: the end of the chat gets that much room, so following the conversation keeps the newest
+  // message above the notice rather than under it.
+  // (Set here, not in the page's CSS: Gradio scopes that CSS to the layout, which the notices are outside.)
+  const phone = window.matchMedia('(max-width: 640px)');
+  function makeRoomForNotices(log) {
+    const root = document.documentElement.style;
+    const box = document.querySelector('#message'), notices = document.querySelector('.toast-wrap');
+    if (!notices) return;
+    const onPhone = phone.matches;
+    notices.style.setProperty('top', onPhone ? 'auto' : '', onPhone ? 'important' : '');
+    const boxTop = box ? Math.min(box.getBoundingClientRect().top, window.innerHeight) : window.innerHeight;
+    const bottom = onPhone ? `${Math.ceil(window.innerHeight - boxTop) + 8}px` : '';
+    if (notices.style.bottom !== bottom) notices.style.bottom = bottom;
+    const room = onPhone && notices.childElementCount ? Math.ceil(notices.getBoundingClientRect().height) + 8 : 0;
+    if (root.getPropertyValue('--notices-height') !== `${room}px`) {
+      root.setProperty('--notices-height', `${room}px`);
+      if (state.follow) toEnd(log);
+    }
   }
 
   // Gradio's outer box hides its overflow, which makes it a scrolling box: the message box could not

@@ -468,3 +468,32 @@ def test_the_message_box_and_the_pictures_have_names(open_page, pictures):
     for image in page.locator("#chat img, #active-picture img").all():
         assert (image.get_attribute("alt") or "").strip(), "every picture needs a text alternative"
     expect(page.get_by_role("button", name=re.compile("picture", re.IGNORECASE)).first).to_be_visible()
+
+
+# ---- notices on a phone -----------------------------------------------------------------------------
+def overlap(a: dict, b: dict) -> float:
+    """The area two bounding boxes share, in square pixels."""
+    width = min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"])
+    height = min(a["y"] + a["height"], b["y"] + b["height"]) - max(a["y"], b["y"])
+    return max(width, 0) * max(height, 0)
+
+
+@pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
+def test_on_a_touch_phone_the_new_picture_notice_covers_no_message(open_page, pictures, dark):
+    page = open_page(PHONE, dark=dark, **TOUCH)
+    attach(page, pictures["red"])
+    send(page, "What color is the shape?")
+    wait_until_answered(page)
+    attach(page, pictures["blue"])
+    send(page, "What color are the shapes?")
+    toast = page.locator("[data-testid=toast-body]").filter(has_text="New picture")
+    expect(toast).to_be_visible()
+    page.locator("#chat .user-row").nth(1).locator("img").wait_for()
+    notice = toast.bounding_box()
+    shown = [box for box in (row.bounding_box() for row in page.locator("#chat .message-row").all())
+             if box and box["y"] < PHONE["height"] and box["y"] + box["height"] > 0]
+    covered = [box for box in shown if overlap(notice, box) > 0]
+    assert not covered, f"the notice at {notice} covers messages at {covered}"
+    assert overlap(notice, page.locator("#message").bounding_box()) == 0, "the notice covers the message box"
+    screen(page, f"page-phone-second-picture-{'dark' if dark else 'light'}")
+    wait_until_answered(page, 2)
