@@ -497,3 +497,43 @@ def test_on_a_touch_phone_the_new_picture_notice_covers_no_message(open_page, pi
     assert overlap(notice, page.locator("#message").bounding_box()) == 0, "the notice covers the message box"
     screen(page, f"page-phone-second-picture-{'dark' if dark else 'light'}")
     wait_until_answered(page, 2)
+
+
+# ---- a second picture in the message box ---------------------------------------------------------------
+def drop(page: Page, selector: str, paths: list[str]) -> None:
+    """Drop the pictures at `paths` on the element at `selector`, as a file manager would."""
+    files = [[list(Path(path).read_bytes()), Path(path).name] for path in paths]
+    transfer = page.evaluate_handle("""files => {
+        const transfer = new DataTransfer();
+        for (const [bytes, name] of files) transfer.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/png'}));
+        return transfer;
+    }""", files)
+    target = page.locator(selector)
+    target.dispatch_event("dragover", {"dataTransfer": transfer})
+    target.dispatch_event("drop", {"dataTransfer": transfer})
+
+
+@pytest.mark.parametrize("where", ["#chat [role=log]", "#message textarea"], ids=["on-the-chat", "on-the-message-box"])
+def test_a_second_picture_replaces_the_attached_one_and_the_page_says_so(open_page, pictures, where):
+    page = open_page()
+    attach(page, pictures["red"])
+    page.locator("#message textarea").fill("What color is the shape?")
+    drop(page, where, [pictures["blue"]])
+    expect(page.locator("#picture-notice")).to_have_text(
+        "A message takes one picture: blue_square.png replaced red_circle.png.")
+    expect(page.locator("#message .thumbnail-item")).to_have_count(1)
+    expect(page.locator("#message .thumbnail-item img")).to_have_attribute("src", re.compile("blue_square"))
+    expect(page.locator("#message textarea")).to_have_value("What color is the shape?")
+    page.locator("#message .submit-button").click()
+    wait_until_answered(page)
+    assert "blue" in answers(page).last.inner_text().lower(), "the newer picture should be the one sent"
+    expect(page.locator("#picture-notice")).to_be_hidden()  # the note was about the message just sent
+
+
+def test_of_two_pictures_dropped_at_once_the_first_is_attached_and_the_page_says_so(open_page, pictures):
+    page = open_page()
+    drop(page, "#chat [role=log]", [pictures["green"], pictures["red"]])
+    expect(page.locator("#picture-notice")).to_have_text(
+        "A message takes one picture: green_triangle.png is attached, the first of the 2 pictures.")
+    expect(page.locator("#message .thumbnail-item")).to_have_count(1)
+    expect(page.locator("#message .thumbnail-item img")).to_have_attribute("src", re.compile("green_triangle"))
