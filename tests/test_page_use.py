@@ -537,3 +537,47 @@ def test_of_two_pictures_dropped_at_once_the_first_is_attached_and_the_page_says
         "A message takes one picture: green_triangle.png is attached, the first of the 2 pictures.")
     expect(page.locator("#message .thumbnail-item")).to_have_count(1)
     expect(page.locator("#message .thumbnail-item img")).to_have_attribute("src", re.compile("green_triangle"))
+
+
+# ---- settings across reloads ---------------------------------------------------------------------------
+def setting_values(page: Page) -> dict[str, str]:
+    """The Generation settings as the page shows them (opening them if they are closed)."""
+    if not page.locator("#temperature input[type=number]").is_visible():
+        page.locator("#settings").get_by_text("Generation settings").click()
+    values = {"system_prompt": page.locator("#system-prompt textarea").input_value()}
+    for name in ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed"]:
+        values[name] = page.locator(f"#{name.replace('_', '-')} input[type=number]").input_value()
+    return values
+
+
+def reload_with_system_prompt(page: Page, prompt: str) -> None:
+    """Reload, and wait until the page has its settings back (the system prompt shows `prompt`)."""
+    page.reload()
+    page.wait_for_selector("#message textarea")
+    page.locator("#settings").get_by_text("Generation settings").click()
+    expect(page.locator("#system-prompt textarea")).to_have_value(prompt)
+
+
+def kept_after(page: Page, change) -> None:
+    """Do `change`, then wait until the browser's copy of the settings is rewritten (a reload before
+    that would find the one before)."""
+    before = page.evaluate("localStorage.getItem('mllama-chat-settings')")
+    change()
+    page.wait_for_function("before => localStorage.getItem('mllama-chat-settings') !== before", arg=before)
+
+
+def test_settings_survive_a_reload_and_reset_forgets_them(open_page):
+    page = open_page()
+    defaults = setting_values(page)
+    changed = {"temperature": "0.35", "seed": "7"}
+    assert all(defaults[name] != value for name, value in changed.items())
+    for name, value in changed.items():
+        kept_after(page, lambda: change_setting(page, name, value))
+    kept_after(page, lambda: page.locator("#system-prompt textarea").fill("Answer in one word.")
+               or page.locator("#system-prompt textarea").press("Tab"))
+    reload_with_system_prompt(page, "Answer in one word.")
+    assert setting_values(page) == {**defaults, **changed, "system_prompt": "Answer in one word."}
+    kept_after(page, lambda: page.locator("#reset-settings").click())
+    reload_with_system_prompt(page, "Answer in one word.")
+    # The model's defaults; the system prompt is the user's own, not a model default.
+    assert setting_values(page) == {**defaults, "system_prompt": "Answer in one word."}
