@@ -581,3 +581,10 @@ def test_settings_survive_a_reload_and_reset_forgets_them(open_page):
     reload_with_system_prompt(page, "Answer in one word.")
     # The model's defaults; the system prompt is the user's own, not a model default.
     assert setting_values(page) == {**defaults, "system_prompt": "Answer in one word."}
+
+
+# ---- the API page -------------------------------------------------------------------------------------
+def test_the_api_page_shows_ask_with_a_picture(open_page):
+    page = open_page()
+    page.get_by_text("Use via API").click()
+    expect(page.get_by_text('client.predict(image=handle_file("photo.jpg")').first).to_be_visible()
