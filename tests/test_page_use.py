@@ -524,6 +524,7 @@ def test_a_second_picture_replaces_the_attached_one_and_the_page_says_so(open_pa
     expect(page.locator("#message .thumbnail-item")).to_have_count(1)
     expect(page.locator("#message .thumbnail-item img")).to_have_attribute("src", re.compile("blue_square"))
     expect(page.locator("#message textarea")).to_have_value("What color is the shape?")
+    screen(page, "page-second-picture-replaced")
     page.locator("#message .submit-button").click()
     wait_until_answered(page)
     assert "blue" in answers(page).last.inner_text().lower(), "the newer picture should be the one sent"
