@@ -20,6 +20,11 @@ from .conversation import DEFAULT_QUESTION
 if TYPE_CHECKING:
     from serving import Engine
 
+ASK_DESCRIPTION = ("Answer one question about one picture (optional), streaming the answer as it grows. "
+                   'With a picture: client.predict(image=handle_file("photo.jpg"), question="What is in this '
+                   'picture?", api_name="/ask") (from gradio_client import Client, handle_file). Without one, '
+                   "leave image out.")
+
 
 def add_ask_endpoint(engine: Engine, limit: int, concurrency_limit: int) -> None:
     """Register `/ask` on the Blocks being built. Its components are invisible: it has no place on the page."""
@@ -70,6 +75,8 @@ def add_ask_endpoint(engine: Engine, limit: int, concurrency_limit: int) -> None
             gr.Number(label="seed", value=None, precision=0, info="leave out (or -1) for a random seed"),
         ]
         answer = gr.Textbox(label="answer")
+    # Gradio's generated example shows an optional parameter at its default (`image=None`): the
+    # description shows the main use, a picture, instead.
     gr.on(triggers=[], fn=ask, inputs=inputs, outputs=answer, api_name="ask",
-          api_description="Answer one question about one picture (optional), streaming the answer as it grows.",
+          api_description=ASK_DESCRIPTION,
           concurrency_id="answer", concurrency_limit=concurrency_limit)

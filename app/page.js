@@ -47,13 +47,19 @@
       state.sent = false;
       bringChatIntoView();
     }
+    makeRoomForNotices(log);
     if (state.follow) toEnd(log);
     nameThings();
     focusMessageBox();
   }
 
   // Sending (or asking again) means reading the newest message: follow it again.
-  const sending = () => { state.follow = true; state.sent = true; };
+  const sending = () => {
+    state.follow = true;
+    state.sent = true;
+    const notice = document.querySelector('#picture-notice');
+    if (notice) notice.textContent = '';
+  };
   document.addEventListener('click', event => {
     if (event.target.closest && event.target.closest('#message .submit-button, #chat .example, #retry')) sending();
   }, true);
@@ -70,6 +76,27 @@
     if (!chat || !box) return;
     const hidden = chat.getBoundingClientRect().bottom - (window.innerHeight - box.getBoundingClientRect().height);
     if (hidden > 0) window.scrollBy(0, hidden + 4);
+  }
+
+  // On a phone a notice (a toast) shows just above the message box, where the newest message would
+  // be: the end of the chat gets that much room, so following the conversation keeps the newest
+  // message above the notice rather than under it.
+  // (Set here, not in the page's CSS: Gradio scopes that CSS to the layout, which the notices are outside.)
+  const phone = window.matchMedia('(max-width: 640px)');
+  function makeRoomForNotices(log) {
+    const root = document.documentElement.style;
+    const box = document.querySelector('#message'), notices = document.querySelector('.toast-wrap');
+    if (!notices) return;
+    const onPhone = phone.matches;
+    notices.style.setProperty('top', onPhone ? 'auto' : '', onPhone ? 'important' : '');
+    const boxTop = box ? Math.min(box.getBoundingClientRect().top, window.innerHeight) : window.innerHeight;
+    const bottom = onPhone ? `${Math.ceil(window.innerHeight - boxTop) + 8}px` : '';
+    if (notices.style.bottom !== bottom) notices.style.bottom = bottom;
+    const room = onPhone && notices.childElementCount ? Math.ceil(notices.getBoundingClientRect().height) + 8 : 0;
+    if (root.getPropertyValue('--notices-height') !== `${room}px`) {
+      root.setProperty('--notices-height', `${room}px`);
+      if (state.follow) toEnd(log);
+    }
   }
 
   // Gradio's outer box hides its overflow, which makes it a scrolling box: the message box could not
@@ -119,22 +146,72 @@
     }
   }
 
-  // ---- files dropped outside the message box ---------------------------------------------------
+  // ---- pictures dropped or pasted -------------------------------------------------------------
   // Chromium opens an unhandled dropped file in the tab, and the conversation is lost: a picture
-  // dropped anywhere on the page goes to the message box instead.
-  const carriesFiles = event => event.dataTransfer && Array.from(event.dataTransfer.types).includes('Files');
-  document.addEventListener('dragover', event => { if (carriesFiles(event)) event.preventDefault(); });
+  // dropped anywhere on the page goes to the message box instead. A message holds one picture, and
+  // Gradio's box ignores a second one: as in chat apps, the newest picture replaces the attached one
+  // and the page says so under the message box.
+  const carriesFiles = transfer => transfer && Array.from(transfer.types).includes('Files');
+  const attached = () => document.querySelector('#message .thumbnail-item img');
+  const fileName = img => decodeURIComponent(new URL(img.src).pathname.split('/').pop());
+
+  function sayUnderMessageBox(text) {
+    const box = document.querySelector('#message');
+    if (!box) return;
+    let notice = document.querySelector('#picture-notice');
+    if (!notice) {
+      notice = document.createElement('p');
+      notice.id = 'picture-notice';
+      notice.setAttribute('role', 'status');
+      box.after(notice);
+    }
+    notice.textContent = text;
+  }
+
+  function attachPicture(files) {
+    const file = files[0];
+    const kept = attached();
+    const notes = [];
+    if (kept) notes.push(`${file.name} replaced ${fileName(kept)}.`);
+    if (files.length > 1) notes.push(`${file.name} is attached, the first of the ${files.length} pictures.`);
+    if (kept) kept.closest('.thumbnail-item').querySelector('.delete-button')?.click();
+    // Gradio shows the file input again once the attached picture is gone.
+    const put = () => {
+      const input = document.querySelector('#message input[type=file]');
+      if (!input) { requestAnimationFrame(put); return; }
+      const chosen = new DataTransfer();
+      chosen.items.add(file);
+      input.files = chosen.files;
+      input.dispatchEvent(new Event('change', {bubbles: true}));
+      if (notes.length) sayUnderMessageBox(`A message takes one picture: ${notes.join(' ')}`);
+    };
+    put();
+  }
+
+  document.addEventListener('dragover', event => { if (carriesFiles(event.dataTransfer)) event.preventDefault(); });
+  // Before Gradio's own handler (capture): a second picture, or several at once, even on the message box.
   document.addEventListener('drop', event => {
-    if (!carriesFiles(event) || event.defaultPrevented) return;
+    if (!carriesFiles(event.dataTransfer) || !event.dataTransfer.files.length) return;
+    const onBox = event.target.closest && event.target.closest('#message');
+    if (onBox && !attached() && event.dataTransfer.files.length === 1) return;  // Gradio takes it
     event.preventDefault();
-    const input = document.querySelector('#message input[type=file]');
-    const files = event.dataTransfer.files;
-    if (!input || !files.length) return;
-    const chosen = new DataTransfer();
-    chosen.items.add(files[0]);
-    input.files = chosen.files;
-    input.dispatchEvent(new Event('change', {bubbles: true}));
-  });
+    event.stopPropagation();
+    attachPicture(Array.from(event.dataTransfer.files));
+  }, true);
+  document.addEventListener('paste', event => {
+    const files = event.clipboardData ? Array.from(event.clipboardData.files) : [];
+    if (!files.length || !event.target.closest || !event.target.closest('#message')) return;
+    if (!attached() && files.length === 1) return;  // Gradio takes it
+    event.preventDefault();
+    event.stopPropagation();
+    attachPicture(files);
+  }, true);
+  // A picture chosen with the clip goes the usual way; the note about an earlier one is old news then.
+  document.addEventListener('change', event => {
+    if (event.isTrusted && event.target.matches && event.target.matches('#message input[type=file]')) {
+      sayUnderMessageBox('');
+    }
+  }, true);
 
   // ---- copying the conversation ----------------------------------------------------------------
   const plain = html => {

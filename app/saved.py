@@ -1,4 +1,5 @@
-"""A conversation as the browser keeps it between reloads (plain JSON), and back.
+"""A conversation and the generation settings as the browser keeps them between reloads (plain
+JSON), and back.
 
 The browser's copy is encrypted by Gradio, but it still comes from outside: a restored picture must
 be a file that this server could have handed out (an upload or an example); anything else, or a
@@ -52,3 +53,25 @@ def _picture(path: Any, folders: list[Path]) -> str | None:
     resolved = Path(path).resolve()
     inside = any(resolved.is_relative_to(folder) for folder in folders)
     return str(resolved) if inside and resolved.is_file() else None
+
+
+def saved_settings(names: list[str], values: list[Any]) -> dict:
+    """The browser's copy of the generation settings: each value by its name."""
+    return dict(zip(names, values))
+
+
+def restored_settings(data: Any, defaults: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> list[Any]:
+    """The settings in `data` (from `saved_settings`), in the order of `defaults`; a value that is
+    missing, of the wrong kind or outside its `bounds` (the server may have been started with a
+    smaller limit since) is its default."""
+    data = data if isinstance(data, dict) else {}
+    values = []
+    for name, default in defaults.items():
+        value = data.get(name)
+        if isinstance(default, str):
+            values.append(value if isinstance(value, str) else default)
+            continue
+        low, high = bounds.get(name, (float("-inf"), float("inf")))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        values.append(value if number and low <= value <= high else default)
+    return values

@@ -14,6 +14,7 @@ from .conversation import Conversation
 from .display import POLICY, picture_card
 from .examples import chat_examples, load_examples
 from .handlers import ChatHandlers
+from .saved import restored_settings, saved_settings
 
 if TYPE_CHECKING:
     from serving import Engine
@@ -57,6 +58,7 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
         copy_all = gr.Button("Copy conversation", elem_id="copy-conversation", render=False)
         # The browser's copy of the conversation, so that a reload keeps it (encrypted by Gradio).
         kept = gr.BrowserState(None, storage_key="mllama-chat-conversation")
+        kept_settings = gr.BrowserState(None, storage_key="mllama-chat-settings")  # the same for the settings
 
         # ---- the page -------------------------------------------------------------------------
         with gr.Row(elem_id="header"):
@@ -150,12 +152,20 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
         # The chat's own trash icon is a Clear too: the server forgets the turns, the card its picture.
         gr.on([clear_button.click, chatbot.clear], handlers.clear, None, [*shown, textbox, *card, *buttons, kept],
               cancels=[*answers, retry_answer], **immediate)
-        reset_button.click(lambda: [defaults.temperature, defaults.top_p, defaults.top_k,
-                                    min(defaults.max_new_tokens, config.max_new_tokens),
-                                    defaults.repetition_penalty, default_seed],
-                           None, settings[1:], **quick)
+        # The settings as the model's defaults, by name; the browser keeps every change (Reset's too).
+        setting_defaults = {"system_prompt": "", "temperature": defaults.temperature, "top_p": defaults.top_p,
+                            "top_k": defaults.top_k,
+                            "max_new_tokens": min(defaults.max_new_tokens, config.max_new_tokens),
+                            "repetition_penalty": defaults.repetition_penalty, "seed": default_seed}
+        setting_bounds = {name: (field.minimum, field.maximum) for name, field in zip(setting_defaults, settings)
+                          if isinstance(field, gr.Slider)}
+        reset_button.click(lambda: list(setting_defaults.values())[1:], None, settings[1:], **quick)
+        gr.on([field.change for field in settings], lambda *values: saved_settings(list(setting_defaults), values),
+              settings, kept_settings, **quick)
         copy_all.click(None, chatbot, None, js="(messages) => window.mllamaCopyConversation(messages)")
         demo.load(handlers.restore, [conversation, kept], [*shown, *card, *buttons], **quick)
+        demo.load(lambda data: restored_settings(data, setting_defaults, setting_bounds), kept_settings, settings,
+                  **quick)
         demo.unload(handlers.leave)
     return demo
 

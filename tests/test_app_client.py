@@ -4,6 +4,7 @@ clients at once with their own pictures."""
 from __future__ import annotations
 
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -87,6 +88,20 @@ def test_ask_is_the_only_public_endpoint(client):
     assert endpoints["unnamed_endpoints"] == {}
     parameters = [p["parameter_name"] for p in endpoints["named_endpoints"]["/ask"]["parameters"]]
     assert parameters == ["image", "question", "max_new_tokens", "temperature", "top_p", "seed"]
+
+
+def test_the_api_page_shows_ask_with_a_picture_and_that_example_works(client, tmp_path):
+    description = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/ask"]["description"]
+    call = re.search(r'client\.predict\(.*?api_name="/ask"\)', description)
+    assert call and "image=handle_file(" in call.group(0), f"no example with a picture in: {description}"
+    red = picture(tmp_path, "red")
+    answer = eval(call.group(0).replace("photo.jpg", red), {"client": client, "handle_file": handle_file})
+    assert "red" in answer.lower()
+
+
+def test_ask_without_an_image_is_a_text_only_question(client):
+    left_out = client.predict(question="What is 2 + 2?", api_name="/ask")
+    assert left_out and left_out == client.predict(image=None, question="What is 2 + 2?", api_name="/ask")
 
 
 def test_ask_answers_what_generate_gives_alone_for_concurrent_long_answers(talkative_app, tmp_path):

@@ -468,3 +468,124 @@ def test_the_message_box_and_the_pictures_have_names(open_page, pictures):
     for image in page.locator("#chat img, #active-picture img").all():
         assert (image.get_attribute("alt") or "").strip(), "every picture needs a text alternative"
     expect(page.get_by_role("button", name=re.compile("picture", re.IGNORECASE)).first).to_be_visible()
+
+
+# ---- notices on a phone -----------------------------------------------------------------------------
+def overlap(a: dict, b: dict) -> float:
+    """The area two bounding boxes share, in square pixels."""
+    width = min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"])
+    height = min(a["y"] + a["height"], b["y"] + b["height"]) - max(a["y"], b["y"])
+    return max(width, 0) * max(height, 0)
+
+
+@pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
+def test_on_a_touch_phone_the_new_picture_notice_covers_no_message(open_page, pictures, dark):
+    page = open_page(PHONE, dark=dark, **TOUCH)
+    attach(page, pictures["red"])
+    send(page, "What color is the shape?")
+    wait_until_answered(page)
+    attach(page, pictures["blue"])
+    send(page, "What color are the shapes?")
+    toast = page.locator("[data-testid=toast-body]").filter(has_text="New picture")
+    expect(toast).to_be_visible()
+    page.locator("#chat .user-row").nth(1).locator("img").wait_for()
+    notice = toast.bounding_box()
+    shown = [box for box in (row.bounding_box() for row in page.locator("#chat .message-row").all())
+             if box and box["y"] < PHONE["height"] and box["y"] + box["height"] > 0]
+    covered = [box for box in shown if overlap(notice, box) > 0]
+    assert not covered, f"the notice at {notice} covers messages at {covered}"
+    assert overlap(notice, page.locator("#message").bounding_box()) == 0, "the notice covers the message box"
+    screen(page, f"page-phone-second-picture-{'dark' if dark else 'light'}")
+    wait_until_answered(page, 2)
+
+
+# ---- a second picture in the message box ---------------------------------------------------------------
+def drop(page: Page, selector: str, paths: list[str]) -> None:
+    """Drop the pictures at `paths` on the element at `selector`, as a file manager would."""
+    files = [[list(Path(path).read_bytes()), Path(path).name] for path in paths]
+    transfer = page.evaluate_handle("""files => {
+        const transfer = new DataTransfer();
+        for (const [bytes, name] of files) transfer.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/png'}));
+        return transfer;
+    }""", files)
+    target = page.locator(selector)
+    target.dispatch_event("dragover", {"dataTransfer": transfer})
+    target.dispatch_event("drop", {"dataTransfer": transfer})
+
+
+@pytest.mark.parametrize("where", ["#chat [role=log]", "#message textarea"], ids=["on-the-chat", "on-the-message-box"])
+def test_a_second_picture_replaces_the_attached_one_and_the_page_says_so(open_page, pictures, where):
+    page = open_page()
+    attach(page, pictures["red"])
+    page.locator("#message textarea").fill("What color is the shape?")
+    drop(page, where, [pictures["blue"]])
+    expect(page.locator("#picture-notice")).to_have_text(
+        "A message takes one picture: blue_square.png replaced red_circle.png.")
+    expect(page.locator("#message .thumbnail-item")).to_have_count(1)
+    expect(page.locator("#message .thumbnail-item img")).to_have_attribute("src", re.compile("blue_square"))
+    expect(page.locator("#message textarea")).to_have_value("What color is the shape?")
+    screen(page, "page-second-picture-replaced")
+    page.locator("#message .submit-button").click()
+    wait_until_answered(page)
+    assert "blue" in answers(page).last.inner_text().lower(), "the newer picture should be the one sent"
+    expect(page.locator("#picture-notice")).to_be_hidden()  # the note was about the message just sent
+
+
+def test_of_two_pictures_dropped_at_once_the_first_is_attached_and_the_page_says_so(open_page, pictures):
+    page = open_page()
+    drop(page, "#chat [role=log]", [pictures["green"], pictures["red"]])
+    expect(page.locator("#picture-notice")).to_have_text(
+        "A message takes one picture: green_triangle.png is attached, the first of the 2 pictures.")
+    expect(page.locator("#message .thumbnail-item")).to_have_count(1)
+    expect(page.locator("#message .thumbnail-item img")).to_have_attribute("src", re.compile("green_triangle"))
+
+
+# ---- settings across reloads ---------------------------------------------------------------------------
+def setting_values(page: Page) -> dict[str, str]:
+    """The Generation settings as the page shows them (opening them if they are closed)."""
+    if not page.locator("#temperature input[type=number]").is_visible():
+        page.locator("#settings").get_by_text("Generation settings").click()
+    values = {"system_prompt": page.locator("#system-prompt textarea").input_value()}
+    for name in ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed"]:
+        values[name] = page.locator(f"#{name.replace('_', '-')} input[type=number]").input_value()
+    return values
+
+
+def reload_with_system_prompt(page: Page, prompt: str) -> None:
+    """Reload, and wait until the page has its settings back (the system prompt shows `prompt`)."""
+    page.reload()
+    page.wait_for_selector("#message textarea")
+    page.locator("#settings").get_by_text("Generation settings").click()
+    expect(page.locator("#system-prompt textarea")).to_have_value(prompt)
+
+
+def kept_after(page: Page, change) -> None:
+    """Do `change`, then wait until the browser's copy of the settings is rewritten (a reload before
+    that would find the one before)."""
+    before = page.evaluate("localStorage.getItem('mllama-chat-settings')")
+    change()
+    page.wait_for_function("before => localStorage.getItem('mllama-chat-settings') !== before", arg=before)
+
+
+def test_settings_survive_a_reload_and_reset_forgets_them(open_page):
+    page = open_page()
+    defaults = setting_values(page)
+    changed = {"temperature": "0.35", "seed": "7"}
+    assert all(defaults[name] != value for name, value in changed.items())
+    for name, value in changed.items():
+        kept_after(page, lambda: change_setting(page, name, value))
+    kept_after(page, lambda: page.locator("#system-prompt textarea").fill("Answer in one word.")
+               or page.locator("#system-prompt textarea").press("Tab"))
+    reload_with_system_prompt(page, "Answer in one word.")
+    assert setting_values(page) == {**defaults, **changed, "system_prompt": "Answer in one word."}
+    kept_after(page, lambda: page.locator("#reset-settings").click())
+    reload_with_system_prompt(page, "Answer in one word.")
+    # The model's defaults; the system prompt is the user's own, not a model default.
+    assert setting_values(page) == {**defaults, "system_prompt": "Answer in one word."}
+
+
+# ---- the API page -------------------------------------------------------------------------------------
+def test_the_api_page_shows_ask_with_a_picture(open_page):
+    page = open_page()
+    page.get_by_text("Use via API").click()
+    expect(page.get_by_text('client.predict(image=handle_file("photo.jpg")').first).to_be_visible()

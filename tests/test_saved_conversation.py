@@ -1,8 +1,9 @@
-"""The browser's copy of a conversation (kept across reloads): what comes back, and what is refused."""
+"""The browser's copy of a conversation and of the settings (kept across reloads): what comes back, and
+what is refused."""
 from __future__ import annotations
 
 from app.conversation import STOPPED_BEFORE_START, Conversation, Turn
-from app.saved import PICTURE_GONE, restored, saved
+from app.saved import PICTURE_GONE, restored, restored_settings, saved, saved_settings
 from serving import ReplyStats
 
 
@@ -32,3 +33,19 @@ def test_an_answer_cut_short_by_the_reload_is_closed_and_junk_gives_an_empty_cha
     assert restored(data, [tmp_path]).turns[0].error == STOPPED_BEFORE_START
     for junk in [None, "turns", {"turns": "no"}, {"turns": [5, {"question": 3}]}]:
         assert restored(junk, [tmp_path]) == Conversation()
+
+
+SETTING_DEFAULTS = {"system_prompt": "", "temperature": 0.6, "max_new_tokens": 512, "seed": -1}
+SETTING_BOUNDS = {"temperature": (0, 2), "max_new_tokens": (1, 2048)}
+
+
+def test_settings_come_back_as_they_were():
+    values = ["Be brief.", 0.3, 100, 7]
+    assert restored_settings(saved_settings(list(SETTING_DEFAULTS), values), SETTING_DEFAULTS, SETTING_BOUNDS) == values
+
+
+def test_settings_missing_of_the_wrong_kind_or_out_of_bounds_are_the_defaults():
+    kept = {"system_prompt": 3, "temperature": "hot", "max_new_tokens": 4096}  # a smaller limit since; no seed
+    assert restored_settings(kept, SETTING_DEFAULTS, SETTING_BOUNDS) == list(SETTING_DEFAULTS.values())
+    assert restored_settings(None, SETTING_DEFAULTS, SETTING_BOUNDS) == list(SETTING_DEFAULTS.values())
+    assert restored_settings({"temperature": True}, SETTING_DEFAULTS, SETTING_BOUNDS)[1] == 0.6
