@@ -59,6 +59,20 @@ class Request:
         """Tokens whose K/V are in the cache: the prompt and every reply token but the newest."""
         return self.prompt_len + max(len(self.tokens) - 1, 0)
 
+    def finished_stats(self) -> ReplyStats:
+        """The figures of this reply, now that it has ended (`finish_reason` set)."""
+        now = time.perf_counter()
+        first = self.first_token_at or now
+        n = len(self.tokens)
+        return ReplyStats(
+            time_to_first_token_s=first - self.submitted,
+            tokens=n,
+            tokens_per_s=(n - 1) / (now - first) if n > 1 and now > first else 0.0,
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_len,
+            cached_prompt_tokens=self.cached_tokens,
+        )
+
 
 class Policy:
     def __init__(self, slots: int, queue_size: int) -> None:

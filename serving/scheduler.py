@@ -14,7 +14,7 @@ import time
 import torch
 
 from .errors import EngineError
-from .policy import Policy, ReplyStats, Request
+from .policy import Policy, Request
 from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,7 @@ class Scheduler:
             self._finish(request)
 
     def _finish(self, request: Request) -> None:
-        now = time.perf_counter()
-        first = request.first_token_at or now
-        n = len(request.tokens)
-        request.stats = ReplyStats(
-            time_to_first_token_s=first - request.submitted,
-            tokens=n,
-            tokens_per_s=(n - 1) / (now - first) if n > 1 and now > first else 0.0,
-            finish_reason=request.finish_reason,
-            prompt_tokens=request.prompt_len,
-            cached_prompt_tokens=request.cached_tokens,
-        )
+        request.stats = request.finished_stats()
         if request.slot >= 0:
             self.runner.release(request)
         request.streamer.end()

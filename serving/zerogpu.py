@@ -325,16 +325,7 @@ class GpuReply:
                 request.finish_reason = "length"
             else:
                 request.finish_reason = "cancelled"
-        now = time.perf_counter()
-        first = request.first_token_at or now
-        n = len(tokens)
-        request.stats = ReplyStats(
-            time_to_first_token_s=first - request.submitted,
-            tokens=n,
-            tokens_per_s=(n - 1) / (now - first) if n > 1 and now > first else 0.0,
-            finish_reason=request.finish_reason,
-            prompt_tokens=request.prompt_len,
-        )
+        request.stats = request.finished_stats()
         return request.stats
 
 
