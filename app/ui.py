@@ -122,6 +122,9 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
         card = [thumbnail, caption]
         buttons = [retry_button, undo_button]
         quick = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
+        # What only books state (the browser's copy, the buttons after an answer) skips the queue:
+        # when answers fill it, a queued event would be refused as "busy" and the change lost.
+        immediate = {"api_visibility": "private", "queue": False, "show_progress": "hidden"}
         answering = {"api_visibility": "private", "concurrency_id": "answer",
                      "concurrency_limit": config.max_batch, "show_progress": "minimal"}
 
@@ -130,7 +133,7 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
             submitted = checked.success(handlers.submit, [conversation, textbox],
                                         [*shown, textbox, *card, *buttons, kept], **quick)
             answer = submitted.success(handlers.answer, [conversation, *settings], shown, **answering)
-            answer.then(handlers.answered, conversation, [textbox, *buttons, kept], **quick)
+            answer.then(handlers.answered, conversation, [textbox, *buttons, kept], **immediate)
             return answer
 
         typed = textbox.submit(handlers.check_message, [conversation, textbox, seed], None, trigger_mode="once",
@@ -142,10 +145,9 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
         retry_checked = retry_button.click(handlers.check_retry, [conversation, seed], None, **quick)
         retried = retry_checked.success(handlers.retry, conversation, [*shown, textbox, *buttons], **quick)
         retry_answer = retried.success(handlers.answer, [conversation, *settings], shown, **answering)
-        retry_answer.then(handlers.answered, conversation, [textbox, *buttons, kept], **quick)
+        retry_answer.then(handlers.answered, conversation, [textbox, *buttons, kept], **immediate)
 
-        # Stop and Clear skip the queue: they must work when it is full (they only free work).
-        immediate = {"api_visibility": "private", "queue": False, "show_progress": "hidden"}
+        # Stop and Clear skip the queue too: they must work when it is full (they only free work).
         textbox.stop(handlers.stop, conversation, [*shown, textbox, *buttons, kept],
                      cancels=[*answers, retry_answer], **immediate)
         undo_button.click(handlers.undo, conversation, [*shown, textbox, *card, *buttons, kept], **quick)
@@ -161,11 +163,11 @@ def build_demo(engine: Engine, config: AppConfig) -> gr.Blocks:
                           if isinstance(field, gr.Slider)}
         reset_button.click(lambda: list(setting_defaults.values())[1:], None, settings[1:], **quick)
         gr.on([field.change for field in settings], lambda *values: saved_settings(list(setting_defaults), values),
-              settings, kept_settings, **quick)
+              settings, kept_settings, **immediate)
         copy_all.click(None, chatbot, None, js="(messages) => window.mllamaCopyConversation(messages)")
-        demo.load(handlers.restore, [conversation, kept], [*shown, *card, *buttons], **quick)
+        demo.load(handlers.restore, [conversation, kept], [*shown, *card, *buttons], **immediate)
         demo.load(lambda data: restored_settings(data, setting_defaults, setting_bounds), kept_settings, settings,
-                  **quick)
+                  **immediate)
         demo.unload(handlers.leave)
     return demo
 

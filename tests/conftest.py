@@ -144,3 +144,39 @@ def resident_bytes() -> int:
     """This process's resident memory now (Linux), for tests that bound what a request costs."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+# ---- Chromium, for the page's tests ---------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright's own browser download is not used
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+DESKTOP = {"width": 1366, "height": 900}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser, request):
+    """Factory: a fresh tab (its own browser storage and session) on `app` (default: tiny_app), at
+    `viewport` size, in dark mode if asked; `options` go to the browser context (touch, say)."""
+    contexts = []
+
+    def open_(viewport: dict = DESKTOP, app=None, dark: bool = False, **options):
+        app = app or request.getfixturevalue("tiny_app")
+        context = browser.new_context(viewport=viewport, color_scheme="dark" if dark else "light", **options)
+        contexts.append(context)
+        page = context.new_page()
+        page.goto(app.url)
+        page.wait_for_selector("#message textarea")
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()

@@ -13,45 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from app.config import EXAMPLES_DIR, TINY_MODEL
 from scripts.synthetic import draw_picture
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 ANSWER_TIMEOUT_MS = 30_000
 LONG_BUDGET = "16000"  # tokens: tens of seconds on the talkative app (see conftest.talkative_app)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def open_page(browser, request):
-    """Factory: a fresh tab (its own browser session) on `app` (default: tiny_app), at `viewport` size."""
-    contexts = []
-
-    def open_(viewport: dict = DESKTOP, app=None) -> Page:
-        app = app or request.getfixturevalue("tiny_app")
-        context = browser.new_context(viewport=viewport)
-        contexts.append(context)
-        page = context.new_page()
-        page.goto(app.url)
-        page.wait_for_selector("#message textarea")
-        return page
-
-    yield open_
-    for context in contexts:
-        context.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,46 +13,18 @@ from pathlib import Path
 
 import axe_playwright_python
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
-from test_app_browser import (ANSWER_TIMEOUT_MS, ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, LONG_BUDGET, answers, attach,
-                              figures, screenshot, send, set_settings, wait_until_answered)
+from playwright.sync_api import Page, expect
+from test_app_browser import (ANSWER_TIMEOUT_MS, ARTIFACTS, LONG_BUDGET, answers, attach, figures, screenshot, send,
+                              set_settings, wait_until_answered)
 
 from app.config import EXAMPLES_DIR
 from scripts.synthetic import draw_picture
 
-DESKTOP = {"width": 1366, "height": 900}
 LAPTOP = {"width": 1366, "height": 768}
 PHONE = {"width": 390, "height": 844}
 TOUCH = {"is_mobile": True, "has_touch": True}
 SMALLEST_TAP_PX = 44
 AXE_SCRIPT = Path(axe_playwright_python.__file__).with_name("axe.min.js")  # axe-core, as that package ships it
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def open_page(browser, request):
-    """Factory: a fresh tab (its own browser storage and session) on `app` (default: tiny_app)."""
-    contexts = []
-
-    def open_(viewport: dict = DESKTOP, app=None, dark: bool = False, **options) -> Page:
-        app = app or request.getfixturevalue("tiny_app")
-        context = browser.new_context(viewport=viewport, color_scheme="dark" if dark else "light", **options)
-        contexts.append(context)
-        page = context.new_page()
-        page.goto(app.url)
-        page.wait_for_selector("#message textarea")
-        return page
-
-    yield open_
-    for context in contexts:
-        context.close()
 
 
 @pytest.fixture(scope="module")
