@@ -24,15 +24,21 @@ ANSWER_TIMEOUT_MS = 30_000
 LONG_BUDGET = "16000"  # tokens: tens of seconds on the talkative app (see conftest.talkative_app)
 
 
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("pictures")
+def draw_pictures(folder: Path, green_size: tuple[int, int]) -> dict[str, str]:
+    """A red circle, two blue squares and a green triangle (of `green_size`), by colour."""
     made = {}
     for color, shape, count, size in [("red", "circle", 1, (301, 227)), ("blue", "square", 2, (455, 301)),
-                                      ("green", "triangle", 1, (227, 301))]:
+                                      ("green", "triangle", 1, green_size)]:
         path = folder / f"{color}_{shape}.png"
         draw_picture(random.Random(3), color, shape, count, size).save(path)
         made[color] = str(path)
+    return made
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("pictures")
+    made = draw_pictures(folder, (227, 301))
     broken = folder / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n and then no picture at all")
     made["broken"] = str(broken)

@@ -7,18 +7,16 @@ Screenshots of desktop (1366x900) and phone (390x844), light and dark, go to tes
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 
 import axe_playwright_python
 import pytest
 from playwright.sync_api import Page, expect
-from test_app_browser import (ANSWER_TIMEOUT_MS, ARTIFACTS, LONG_BUDGET, answers, attach, figures, screenshot, send,
-                              set_settings, wait_until_answered)
+from test_app_browser import (ANSWER_TIMEOUT_MS, ARTIFACTS, LONG_BUDGET, answers, attach, draw_pictures, figures,
+                              screenshot, send, set_settings, wait_until_answered)
 
 from app.config import EXAMPLES_DIR
-from scripts.synthetic import draw_picture
 
 LAPTOP = {"width": 1366, "height": 768}
 PHONE = {"width": 390, "height": 844}
@@ -29,14 +27,7 @@ AXE_SCRIPT = Path(axe_playwright_python.__file__).with_name("axe.min.js")  # axe
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("pictures")
-    made = {}
-    for color, shape, count, size in [("red", "circle", 1, (301, 227)), ("blue", "square", 2, (455, 301)),
-                                      ("green", "triangle", 1, (900, 200))]:
-        path = folder / f"{color}_{shape}.png"
-        draw_picture(random.Random(3), color, shape, count, size).save(path)
-        made[color] = str(path)
-    return made
+    return draw_pictures(tmp_path_factory.mktemp("pictures"), (900, 200))  # a wide green one
 
 
 def screen(page: Page, name: str) -> None:
@@ -285,6 +276,16 @@ def test_one_over_long_message_is_reported_as_the_message_and_kept(open_page):
     expect(page.locator("#chat .user-row .message-content").last).to_contain_text("red red red")  # kept
 
 
+def ask_about_two_pictures(page: Page, pictures: dict[str, str]) -> None:
+    """Two questions, each with its own picture: the first thread is then out of view."""
+    attach(page, pictures["red"])
+    send(page, "What color is the shape?")
+    wait_until_answered(page)
+    attach(page, pictures["blue"])
+    send(page, "What color are the shapes?")
+    wait_until_answered(page, 2)
+
+
 # ---- accessibility -------------------------------------------------------------------------------------
 def axe_problems(page: Page) -> list[str]:
     page.add_script_tag(path=str(AXE_SCRIPT))
@@ -299,12 +300,7 @@ def test_axe_finds_no_serious_problem_empty_or_with_an_out_of_view_thread(open_p
     page = open_page(dark=dark)
     expect(page.locator("#chat .example").first).to_be_visible()
     problems = axe_problems(page)
-    attach(page, pictures["red"])
-    send(page, "What color is the shape?")
-    wait_until_answered(page)
-    attach(page, pictures["blue"])
-    send(page, "What color are the shapes?")
-    wait_until_answered(page, 2)
+    ask_about_two_pictures(page, pictures)
     expect(page.locator("#chat .oov-badge")).to_have_count(2)
     page.locator("#chat .user-row img").first.wait_for()
     problems += axe_problems(page)
@@ -325,12 +321,7 @@ def test_screenshots_of_the_phone_in_dark_mode(open_page, pictures):
 # ---- copying -------------------------------------------------------------------------------------------
 def test_copy_gives_the_answer_and_the_conversation_as_plain_text(open_page, pictures):
     page = open_page(permissions=["clipboard-read", "clipboard-write"])
-    attach(page, pictures["red"])
-    send(page, "What color is the shape?")
-    wait_until_answered(page)
-    attach(page, pictures["blue"])
-    send(page, "What color are the shapes?")
-    wait_until_answered(page, 2)
+    ask_about_two_pictures(page, pictures)
     texts = [text.strip() for text in answers(page).all_inner_texts()]
     page.locator("#chat .bot-row + .message-buttons").last.get_by_role("button", name="Copy message").click()
     assert_clipboard(page, texts[-1])
